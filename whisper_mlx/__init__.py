@@ -1,0 +1,31 @@
+"""whisper_mlx: OpenAI Whisper on MLX, fast (batched) and faithful to openai-whisper's semantics."""
+
+from .backend import preload_blas as _preload_blas
+
+_preload_blas()  # before anything imports mlx.core
+
+from ._version import __version__  # noqa: E402
+from .audio import load_audio, log_mel_spectrogram, pad_or_trim  # noqa: E402
+from .backend import backend_info  # noqa: E402
+from .decoding import DecodingOptions, DecodingResult, decode, detect_language  # noqa: E402
+from .load_models import load_model  # noqa: E402
+from .transcribe import transcribe  # noqa: E402
+
+__all__ = [
+    "LightningWhisperMLX", "transcribe", "load_model", "decode", "detect_language", "DecodingOptions",
+    "DecodingResult", "load_audio", "log_mel_spectrogram", "pad_or_trim", "available_models",
+    "backend_info", "__version__",
+]
+
+
+def __getattr__(name):
+    # imported lazily: lightning pulls in the hub helpers, which most users never need
+    if name == "LightningWhisperMLX":
+        from .lightning import LightningWhisperMLX
+
+        return LightningWhisperMLX
+    if name == "available_models":
+        from .hub import available_models
+
+        return available_models
+    raise AttributeError(f"module 'whisper_mlx' has no attribute {name!r}")

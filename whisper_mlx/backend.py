@@ -1,0 +1,106 @@
+"""Backend set-up: an optimized BLAS for MLX's Linux CPU backend, and the default compute dtype.
+
+The mlx[cpu] wheel links netlib's reference BLAS (a 1024³ float32 matmul takes ~370 ms). Loading MKL or
+OpenBLAS with RTLD_GLOBAL *before* mlx.core is first imported makes MLX resolve cblas_* to it (~6 ms).
+This module must therefore not import mlx at import time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import logging
+import os
+import sys
+import warnings
+
+logger = logging.getLogger("whisper_mlx")
+
+_SYSTEM_OPENBLAS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+)
+
+_state = {"blas": None, "blas_path": None, "status": "not attempted"}
+
+
+def _mkl_candidates() -> list[str]:
+    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable))])
+    found = []
+    for prefix in prefixes:
+        found += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
+    return found
+
+
+def find_blas() -> tuple[str, str] | None:
+    """(kind, path) of the BLAS to preload, honouring WHISPER_MLX_BLAS=off|<path>."""
+    setting = os.environ.get("WHISPER_MLX_BLAS", "").strip()
+    if setting.lower() in ("off", "0", "none", "false"):
+        return None
+    if setting:
+        return ("custom", setting)
+    for path in _mkl_candidates():
+        return ("mkl", path)
+    for path in _SYSTEM_OPENBLAS:
+        if os.path.exists(path):
+            return ("openblas", path)
+    return None
+
+
+def preload_blas() -> None:
+    """Load an optimized BLAS globally before mlx.core, once; a no-op off Linux."""
+    if _state["status"] != "not attempted" or not sys.platform.startswith("linux"):
+        if _state["status"] == "not attempted":
+            _state["status"] = "not needed on this platform"
+        return
+    choice = find_blas()
+    if choice is None:
+        _state["status"] = "off" if os.environ.get("WHISPER_MLX_BLAS") else "none found"
+        return
+    if "mlx.core" in sys.modules:
+        _state["status"] = "mlx.core imported first"
+        warnings.warn(
+            "whisper_mlx: mlx.core was imported before whisper_mlx, so the optimized BLAS "
+            f"({choice[1]}) could not be applied and CPU matmuls use the slow reference BLAS. "
+            "Import whisper_mlx before mlx, or preload it with LD_PRELOAD.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    kind, path = choice
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+    except OSError as exc:
+        _state["status"] = f"failed to load {path}: {exc}"
+        logger.warning("whisper_mlx: could not load BLAS %s: %s", path, exc)
+        return
+    _state.update(blas=kind, blas_path=path, status="loaded")
+
+
+def default_dtype():
+    """float16 on a GPU (Metal, CUDA); float32 on the CPU, where half-precision matmuls skip BLAS."""
+    import mlx.core as mx
+
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def backend_info() -> dict:
+    """The device MLX computes on, the default dtype, and which BLAS serves CPU matmuls."""
+    import mlx.core as mx
+
+    device = mx.default_device()
+    if device == mx.gpu:
+        kind = "metal" if mx.metal.is_available() else "cuda"
+    else:
+        kind = "cpu"
+    return {
+        "device": kind,
+        "default_dtype": str(default_dtype()).replace("mlx.core.", ""),
+        "blas": _state["blas"] or "reference (bundled)",
+        "blas_path": _state["blas_path"],
+        "blas_status": _state["status"],
+        "mlx_version": getattr(mx, "__version__", "unknown"),
+    }

@@ -1,0 +1,449 @@
+"""Decoding of 30-second windows, batched: openai-whisper's semantics with the per-step work kept on
+the device (logit filters are vectorised MLX ops over the whole batch; one host sync per step).
+
+Built from small parts, as openai's decoder is: a token sampler, logit filters, a ranker for best_of.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import CHUNK_LENGTH, N_FRAMES
+from .errors import DecodingError
+from .tokenizer import Tokenizer, get_tokenizer
+from .whisper import DecoderState, Whisper
+
+NEG_INF = float("-inf")
+
+
+def compression_ratio(text: str) -> float:
+    """How well the text compresses with zlib: highly repetitive (hallucinated) text scores high."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    task: str = "transcribe"  # "transcribe" or "translate" (X -> English)
+    language: str | None = None  # None: detect it from the audio
+    temperature: float = 0.0  # 0: greedy; otherwise sample from softmax(logits / temperature)
+    sample_len: int | None = None  # maximum number of tokens to sample (default: half the context)
+    best_of: int | None = None  # with temperature > 0: candidates sampled per window, best kept
+    beam_size: int | None = None  # beam search is not implemented (raises)
+    patience: float | None = None  # beam search only
+    length_penalty: float | None = None  # ranking: None = length normalisation; else Google NMT's alpha
+    prompt: str | Sequence[int] | None = None  # previous text, as context (<|startofprev|> ...)
+    prefix: str | Sequence[int] | None = None  # forced start of the text of the window
+    suppress_tokens: str | Sequence[int] | None = "-1"  # "-1": openai's non-speech symbols
+    suppress_blank: bool = True  # no blank or EOT as the first sampled token
+    without_timestamps: bool = False  # sample <|notimestamps|> style text only
+    max_initial_timestamp: float | None = 1.0  # first timestamp at most this many seconds
+    fp16: bool | None = None  # None: float16 on a GPU, float32 on the CPU (compute dtype of the model)
+
+    def __post_init__(self):
+        if self.task not in ("transcribe", "translate"):
+            raise DecodingError(f"task must be 'transcribe' or 'translate', got {self.task!r}")
+        if self.beam_size is not None:
+            raise NotImplementedError("beam search is not implemented in whisper_mlx; use best_of with temperature")
+        if self.patience is not None:
+            raise DecodingError("patience requires beam_size, which is not implemented")
+        if self.best_of is not None and self.temperature == 0:
+            raise DecodingError("best_of with greedy sampling (temperature=0) is not compatible")
+        if self.temperature < 0:
+            raise DecodingError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass
+class DecodingResult:
+    audio_features: mx.array | None
+    language: str
+    language_probs: dict[str, float] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    avg_logprob: float = float("nan")
+    no_speech_prob: float = float("nan")
+    temperature: float = float("nan")
+    compression_ratio: float = float("nan")
+
+
+# --------------------------------------------------------------------------------- logit filters
+
+
+class SuppressTokens:
+    """Static suppression (suppress_tokens) plus, at the first sampled position, blank and EOT."""
+
+    def __init__(self, n_vocab: int, suppressed: Sequence[int], blank: Sequence[int] | None):
+        always = np.zeros(n_vocab, np.float32)
+        always[list(suppressed)] = NEG_INF
+        self.always = mx.array(always)
+        first = always.copy()
+        if blank is not None:
+            first[list(blank)] = NEG_INF
+        self.first = mx.array(first)
+
+    def apply(self, logits: mx.array, n_sampled: int) -> mx.array:
+        return logits + (self.first if n_sampled == 0 else self.always)
+
+
+class ApplyTimestampRules:
+    """openai's timestamp rules as batch-wide MLX ops, from a small per-row state on the device:
+
+    - timestamps come in pairs (a start and an end), except directly before EOT;
+    - timestamps never decrease, and a segment has non-zero length;
+    - the first sampled token is a timestamp no later than max_initial_timestamp;
+    - if the probability mass on timestamps beats every text token, a timestamp is sampled.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, n_vocab: int, max_initial_timestamp_index: int | None):
+        self.ts_begin = tokenizer.timestamp_begin
+        self.eot = tokenizer.eot
+        self.no_timestamps = tokenizer.no_timestamps
+        self.max_initial_timestamp_index = max_initial_timestamp_index
+        vocab = mx.arange(n_vocab)
+        self.is_timestamp = vocab >= self.ts_begin
+        self.is_text = vocab < self.eot  # text proper (EOT excluded)
+        self.is_text_or_eot = vocab < self.ts_begin
+        first = mx.where(self.is_text_or_eot | (vocab == self.no_timestamps), NEG_INF, 0.0)
+        if max_initial_timestamp_index is not None:
+            first = mx.where(vocab > self.ts_begin + max_initial_timestamp_index, NEG_INF, first)
+        self.first_mask = first
+        self.vocab = vocab
+
+    def apply(self, logits: mx.array, history: "TimestampHistory", n_sampled: int) -> mx.array:
+        if n_sampled == 0:
+            logits = logits + self.first_mask
+        else:
+            logits = mx.where(self._row_mask(history, n_sampled), NEG_INF, logits)
+        return self._prefer_timestamps(logits)
+
+    def _row_mask(self, history: "TimestampHistory", n_sampled: int) -> mx.array:
+        last_ts = history.last >= self.ts_begin
+        penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else mx.ones_like(last_ts)
+        pair_closed = (last_ts & penultimate_ts)[:, None]  # two timestamps in a row: text must follow
+        pair_open = (last_ts & ~penultimate_ts)[:, None]  # a lone timestamp: close it (or EOT)
+        mask = (pair_closed & self.is_timestamp) | (pair_open & self.is_text)
+        # no timestamp below the last one; strictly above it unless it closes the pair
+        lowest = mx.where(last_ts & ~penultimate_ts, history.last_timestamp, history.last_timestamp + 1)
+        below = self.is_timestamp & (self.vocab[None, :] < lowest[:, None])
+        mask = mask | (below & (history.last_timestamp >= 0)[:, None])
+        return mask | (self.vocab == self.no_timestamps)
+
+    def _prefer_timestamps(self, logits: mx.array) -> mx.array:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        timestamp_mass = mx.logsumexp(logprobs[:, self.ts_begin :], axis=-1)
+        best_text = mx.max(logprobs[:, : self.ts_begin], axis=-1)
+        force = (timestamp_mass > best_text)[:, None] & self.is_text_or_eot
+        logits = mx.where(force, NEG_INF, logits)
+        # defensive: a row must keep at least one candidate (EOT)
+        empty = mx.max(logits, axis=-1, keepdims=True) == NEG_INF
+        return mx.where(empty & (self.vocab == self.eot), 0.0, logits)
+
+
+@dataclass
+class TimestampHistory:
+    """What the timestamp rules need to know of each row's sampled tokens, kept on the device."""
+
+    last: mx.array  # (B,) last sampled token (or -1)
+    penultimate: mx.array  # (B,) the one before (or -1)
+    last_timestamp: mx.array  # (B,) last sampled timestamp token (or -1)
+
+    @classmethod
+    def empty(cls, batch: int) -> "TimestampHistory":
+        none = mx.full((batch,), -1, mx.int32)
+        return cls(none, none, none)
+
+    def push(self, tokens: mx.array, ts_begin: int) -> "TimestampHistory":
+        last_timestamp = mx.where(tokens >= ts_begin, tokens, self.last_timestamp)
+        return TimestampHistory(tokens, self.last, last_timestamp)
+
+    def take(self, rows: mx.array) -> "TimestampHistory":
+        return TimestampHistory(self.last[rows], self.penultimate[rows], self.last_timestamp[rows])
+
+
+# ------------------------------------------------------------------------------ token selection
+
+
+def select_tokens(logits: mx.array, temperature: float) -> mx.array:
+    """Greedy (temperature 0) or a true sample from softmax(logits / temperature)."""
+    if temperature == 0:
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    return mx.random.categorical(logits / temperature, axis=-1).astype(mx.int32)
+
+
+def rank_candidates(sum_logprobs: np.ndarray, lengths: np.ndarray, length_penalty: float | None) -> int:
+    """Index of the best candidate by length-normalised log probability (openai's ranker)."""
+    if length_penalty is None:
+        penalty = lengths.astype(np.float64)
+    else:
+        penalty = ((5 + lengths) / 6) ** length_penalty
+    return int(np.argmax(sum_logprobs / np.maximum(penalty, 1e-9)))
+
+
+# --------------------------------------------------------------------------------- the task
+
+
+@dataclass
+class _Rows:
+    """The rows still being decoded: which request each one serves, and their device state."""
+
+    index: np.ndarray  # (B,) position of each active row in the request
+    sampled: list[mx.array]  # per step, (B,) sampled tokens
+    sum_logprobs: mx.array  # (B,)
+    finished: mx.array  # (B,) bool
+    history: TimestampHistory
+
+
+class DecodingTask:
+    """Decodes batches of encoded windows with one set of options.
+
+    Each row may have its own prompt (rows are left-padded) and, for multilingual models, its own
+    language; every row shares the options, the temperature and the length of the SOT sequence.
+    """
+
+    def __init__(self, model: Whisper, options: DecodingOptions):
+        self.model = model
+        self.options = options
+        self.tokenizer = get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages,
+            language=options.language or "en", task=options.task,
+        )
+        self.n_ctx = model.dims.n_text_ctx
+        self.sample_len = options.sample_len or self.n_ctx // 2
+        self.prefix = self._encode_text(options.prefix)
+        self.suppressor = SuppressTokens(model.dims.n_vocab, self._suppressed_tokens(),
+                                         self._blank_tokens() if options.suppress_blank else None)
+        self.timestamp_rules = None
+        if not options.without_timestamps:
+            precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp token
+            max_index = None
+            if options.max_initial_timestamp is not None:
+                max_index = round(options.max_initial_timestamp / precision)
+            self.timestamp_rules = ApplyTimestampRules(self.tokenizer, model.dims.n_vocab, max_index)
+
+    def _encode_text(self, text: str | Sequence[int] | None) -> list[int]:
+        if text is None:
+            return []
+        if isinstance(text, str):
+            return self.tokenizer.encode(" " + text.strip())
+        return list(text)
+
+    def _blank_tokens(self) -> list[int]:
+        return [*self.tokenizer.encode(" "), self.tokenizer.eot]
+
+    def _suppressed_tokens(self) -> list[int]:
+        spec = self.options.suppress_tokens
+        if isinstance(spec, str):
+            spec = [int(t) for t in spec.split(",") if t.strip()]
+        tokens = set(spec or [])
+        if -1 in tokens:
+            tokens.discard(-1)
+            tokens.update(self.tokenizer.non_speech_tokens)
+        tok = self.tokenizer
+        tokens.update([tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech])
+        return sorted(t for t in tokens if 0 <= t < self.model.dims.n_vocab)
+
+    def sot_sequence(self, language: str | None) -> list[int]:
+        tok = self.tokenizer
+        sequence = [tok.sot]
+        if self.model.is_multilingual:
+            sequence += [tok.to_language_token(language or self.options.language or "en"),
+                         tok.translate if self.options.task == "translate" else tok.transcribe]
+        if self.options.without_timestamps:
+            sequence.append(tok.no_timestamps)
+        return sequence
+
+    def initial_tokens(self, prompt: str | Sequence[int] | None, language: str | None) -> list[int]:
+        """[<|startofprev|> prompt…] <|startoftranscript|> [lang task] [<|notimestamps|>] [prefix…]"""
+        prompt_tokens = self._encode_text(prompt)
+        head = []
+        if prompt_tokens:
+            head = [self.tokenizer.sot_prev, *prompt_tokens[-(self.n_ctx // 2 - 1) :]]
+        return head + self.sot_sequence(language) + self.prefix
+
+    def run(
+        self,
+        audio_features: mx.array,
+        prompts: Sequence | None = None,
+        languages: Sequence[str | None] | None = None,
+        temperature: float | None = None,
+    ) -> list[DecodingResult]:
+        """Decode each row of audio_features (B, T, D); best_of candidates per row when sampling."""
+        batch = audio_features.shape[0]
+        temperature = self.options.temperature if temperature is None else temperature
+        prompts = list(prompts) if prompts is not None else [self.options.prompt] * batch
+        languages = list(languages) if languages is not None else [self.options.language] * batch
+        n_candidates = (self.options.best_of or 1) if temperature > 0 else 1
+        rows = [self.initial_tokens(p, lang) for p, lang in zip(prompts, languages) for _ in range(n_candidates)]
+        features = audio_features
+        if n_candidates > 1:
+            features = audio_features[mx.repeat(mx.arange(batch), n_candidates)]
+        tokens, sum_logprobs, no_speech = self._decode_rows(features, rows, temperature)
+        results = []
+        for b in range(batch):
+            group = range(b * n_candidates, (b + 1) * n_candidates)
+            lengths = np.array([len(tokens[i]) for i in group])
+            best = group[rank_candidates(sum_logprobs[list(group)], lengths, self.options.length_penalty)]
+            results.append(self._result(audio_features[b], languages[b], tokens[best],
+                                        sum_logprobs[best], no_speech[best], temperature))
+        return results
+
+    def _result(self, features, language, tokens, sum_logprob, no_speech, temperature) -> DecodingResult:
+        text = self.tokenizer.decode(tokens).strip()
+        return DecodingResult(
+            audio_features=features,
+            language=language or self.options.language or ("en" if not self.model.is_multilingual else ""),
+            tokens=tokens,
+            text=text,
+            avg_logprob=float(sum_logprob) / (len(tokens) + 1),
+            no_speech_prob=float(no_speech),
+            temperature=temperature,
+            compression_ratio=compression_ratio(text),
+        )
+
+    def _filter_logits(self, logits: mx.array, history: TimestampHistory, n_sampled: int) -> mx.array:
+        logits = self.suppressor.apply(logits, n_sampled)
+        if self.timestamp_rules is not None:
+            logits = self.timestamp_rules.apply(logits, history, n_sampled)
+        return logits
+
+    def _prefill(self, features: mx.array, rows: list[list[int]]):
+        """Feed every row's initial tokens (left-padded); return logits of the last position,
+        the no-speech probability at <|startoftranscript|>, and the decoder state."""
+        length = max(len(r) for r in rows)
+        pad = [length - len(r) for r in rows]
+        tokens = mx.array([[self.tokenizer.eot] * p + r for p, r in zip(pad, rows)], dtype=mx.int32)
+        state = self.model.new_state(features, mx.array(pad, dtype=mx.int32))
+        logits, hidden = self.model.step(tokens, state)
+        sot_index = length - len(self.sot_sequence(None)) - len(self.prefix)
+        sot_logits = self.model.decoder.logits(hidden[:, sot_index])
+        no_speech = mx.softmax(sot_logits, axis=-1)[:, self.tokenizer.no_speech]
+        return logits[:, -1], no_speech, state
+
+    def _sample_step(self, logits: mx.array, rows: _Rows, temperature: float) -> mx.array:
+        """Filter, select and record one token per row; returns the tokens to feed next."""
+        logits = self._filter_logits(logits, rows.history, len(rows.sampled))
+        tokens = select_tokens(logits, temperature)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        eot = self.tokenizer.eot
+        rows.sum_logprobs = rows.sum_logprobs + mx.where(rows.finished, 0.0, chosen)
+        tokens = mx.where(rows.finished, eot, tokens)  # a finished row keeps emitting EOT
+        rows.finished = rows.finished | (tokens == eot)
+        rows.history = rows.history.push(tokens, self.tokenizer.timestamp_begin)
+        rows.sampled.append(tokens)
+        return tokens
+
+    def _decode_rows(self, features: mx.array, rows_tokens: list[list[int]], temperature: float):
+        """Decode all rows; returns per-row sampled tokens (EOT excluded), sum logprobs, no-speech probs."""
+        batch = len(rows_tokens)
+        logits, no_speech, state = self._prefill(features, rows_tokens)
+        rows = _Rows(np.arange(batch), [], mx.zeros((batch,), mx.float32), mx.zeros((batch,), mx.bool_),
+                     TimestampHistory.empty(batch))
+        done_tokens: dict[int, list[int]] = {}
+        done_logprobs = np.zeros(batch, np.float64)
+        max_steps = min(self.sample_len, self.n_ctx - max(len(r) for r in rows_tokens))
+        for step in range(max_steps):
+            tokens = self._sample_step(logits, rows, temperature)
+            if step + 1 < max_steps:
+                logits = self.model.step(tokens[:, None], state)[0][:, -1]
+                mx.async_eval(logits, rows.finished, rows.sum_logprobs)
+            finished = np.array(rows.finished)  # the one host sync of the step
+            if finished.all() or step + 1 == max_steps:
+                break
+            if finished.sum() * 4 >= len(finished):  # drop finished rows so they stop costing compute
+                keep = self._retire(rows, finished, done_tokens, done_logprobs)
+                state.take(keep)
+                logits = logits[keep]
+        self._retire(rows, np.ones(len(rows.index), bool), done_tokens, done_logprobs)
+        return [done_tokens[i] for i in range(batch)], done_logprobs, np.array(no_speech)
+
+    def _retire(self, rows: _Rows, finished: np.ndarray, done_tokens: dict, done_logprobs: np.ndarray):
+        """Move finished rows' results to the host; keep the others. Returns the kept row indices."""
+        sampled = np.array(mx.stack(rows.sampled, axis=1)) if rows.sampled else np.zeros((len(finished), 0), int)
+        sum_logprobs = np.array(rows.sum_logprobs)
+        eot = self.tokenizer.eot
+        for r in np.flatnonzero(finished):
+            seq = sampled[r].tolist()
+            done_tokens[int(rows.index[r])] = seq[: seq.index(eot)] if eot in seq else seq
+            done_logprobs[rows.index[r]] = sum_logprobs[r]
+        keep = mx.array(np.flatnonzero(~finished))
+        if len(keep) == 0:
+            return keep
+        rows.index = rows.index[~finished]
+        rows.sampled = [mx.array(sampled[~finished])[:, i] for i in range(sampled.shape[1])]
+        rows.sum_logprobs = rows.sum_logprobs[keep]
+        rows.finished = rows.finished[keep]
+        rows.history = rows.history.take(keep)
+        return keep
+
+
+# ------------------------------------------------------------------------ language detection
+
+
+def detect_language(model: Whisper, mel: mx.array | None = None, tokenizer: Tokenizer | None = None,
+                    *, audio_features: mx.array | None = None):
+    """Most likely language per window: (language tokens (B,), [ {code: probability} per window ]).
+
+    Pass `audio_features` to reuse an encoder output instead of encoding `mel` again.
+    """
+    if tokenizer is None:
+        tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+    if tokenizer.language is None or tokenizer.language_token not in tokenizer.sot_sequence:
+        raise DecodingError("This model doesn't have language tokens so it can't perform language detection")
+    single = False
+    if audio_features is None:
+        if mel is None:
+            raise DecodingError("detect_language needs mel or audio_features")
+        single = mel.ndim == 2
+        audio_features = model.embed_audio(mel[None] if single else mel)
+    batch = audio_features.shape[0]
+    state = model.new_state(audio_features)
+    logits, _ = model.step(mx.full((batch, 1), tokenizer.sot, mx.int32), state)
+    language_tokens = mx.array(list(tokenizer.all_language_tokens))
+    probs = np.array(mx.softmax(logits[:, 0][:, language_tokens], axis=-1))
+    codes = tokenizer.all_language_codes
+    best = mx.array(np.array(tokenizer.all_language_tokens)[probs.argmax(axis=-1)])
+    language_probs = [dict(zip(codes, map(float, row))) for row in probs]
+    if single:
+        return best[0], language_probs[0]
+    return best, language_probs
+
+
+def decode(model: Whisper, mel: mx.array, options: DecodingOptions = DecodingOptions(), **kwargs):
+    """Decode one (n_frames, n_mels) window, or a batch (B, n_frames, n_mels) into a list of results."""
+    if kwargs:
+        options = replace(options, **kwargs)
+    single = mel.ndim == 2
+    mel = mel[None] if single else mel
+    if mel.shape[1] != N_FRAMES:
+        mel = _pad_frames(mel)
+    features = model.embed_audio(mel)
+    results = decode_features(model, features, options)
+    return results[0] if single else results
+
+
+def _pad_frames(mel: mx.array) -> mx.array:
+    from .audio import pad_or_trim
+
+    return pad_or_trim(mel, N_FRAMES, axis=1)
+
+
+def decode_features(model: Whisper, audio_features: mx.array, options: DecodingOptions,
+                    prompts: Sequence | None = None) -> list[DecodingResult]:
+    """Decode already-encoded windows, detecting each window's language first if none is set."""
+    languages = None
+    language_probs = None
+    if options.language is None and model.is_multilingual:
+        tokenizer = get_tokenizer(True, num_languages=model.num_languages, language="en", task=options.task)
+        _, language_probs = detect_language(model, tokenizer=tokenizer, audio_features=audio_features)
+        languages = [max(p, key=p.get) for p in language_probs]
+    results = DecodingTask(model, options).run(audio_features, prompts, languages)
+    for i, result in enumerate(results):
+        if language_probs is not None:
+            result.language_probs = language_probs[i]
+    return results

@@ -1,0 +1,537 @@
+"""Long-form transcription: openai-whisper's sequential seek loop, and a batched mode that decodes
+many windows at once, cut in silence by a voice-activity detector so that no word is lost.
+
+The loop state lives in small objects and every step is a function of its own.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field, fields, replace
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+import tqdm
+
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
+from .errors import DecodingError
+from .segments import clear_empty_segments, close_unfinished_tail, split_window
+from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+from .whisper import Whisper
+
+DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """Long-form options (the per-window ones are in DecodingOptions)."""
+
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES  # the fallback ladder
+    compression_ratio_threshold: float | None = 2.4  # above it: too repetitive, fall back
+    logprob_threshold: float | None = -1.0  # average log probability below it: fall back
+    no_speech_threshold: float | None = 0.6  # with a low logprob too: the window is silence
+    condition_on_previous_text: bool = True  # prompt each window with the text before it
+    initial_prompt: str | None = None  # context for the first window (or every one, if carried)
+    carry_initial_prompt: bool = False  # keep the initial prompt in front of every window's prompt
+    word_timestamps: bool = False
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS
+    append_punctuations: str = APPEND_PUNCTUATIONS
+    clip_timestamps: tuple[float, ...] = ()  # start,end,start,end... seconds; () = everything
+    hallucination_silence_threshold: float | None = None  # seconds; needs word_timestamps
+    batch_size: int = 1  # 1: sequential (openai semantics); >1: batched windows cut at silences
+    verbose: bool | None = None  # True: print segments; False: progress bar; None: quiet
+
+
+def parse_clip_timestamps(clip_timestamps: str | Sequence[float]) -> tuple[float, ...]:
+    if isinstance(clip_timestamps, str):
+        parts = [p for p in clip_timestamps.split(",") if p.strip()]
+        try:
+            values = tuple(float(p) for p in parts)
+        except ValueError:
+            raise DecodingError(f"clip_timestamps must be comma-separated seconds, got {clip_timestamps!r}") from None
+    else:
+        values = tuple(float(v) for v in clip_timestamps)
+    if any(v < 0 for v in values) or any(not np.isfinite(v) for v in values):
+        raise DecodingError(f"clip_timestamps must be finite and >= 0, got {values}")
+    return values
+
+
+def seek_clips(clip_timestamps: tuple[float, ...], content_frames: int) -> list[tuple[int, int]]:
+    """(start, end) mel-frame pairs to transcribe; an odd last start runs to the end of the audio."""
+    points = [round(t * FRAMES_PER_SECOND) for t in clip_timestamps] or [0]
+    if len(points) % 2 == 1:
+        points.append(content_frames)
+    clips = [(min(s, content_frames), min(e, content_frames)) for s, e in zip(points[::2], points[1::2])]
+    for start, end in clips:
+        if end < start:
+            raise DecodingError(f"clip_timestamps: a clip ends ({end / 100}s) before it starts ({start / 100}s)")
+    return clips
+
+
+def needs_fallback(result: DecodingResult, options: TranscribeOptions) -> bool:
+    """openai's quality checks; a window that looks like silence (no_speech AND low logprob) passes."""
+    failed = False
+    if options.compression_ratio_threshold is not None and result.compression_ratio > options.compression_ratio_threshold:
+        failed = True  # too repetitive
+    if options.logprob_threshold is not None and result.avg_logprob < options.logprob_threshold:
+        failed = True  # average log probability is too low
+    if (
+        options.no_speech_threshold is not None
+        and result.no_speech_prob > options.no_speech_threshold
+        and options.logprob_threshold is not None
+        and result.avg_logprob < options.logprob_threshold
+    ):
+        failed = False  # this is silence
+    return failed
+
+
+def should_skip_as_silence(result: DecodingResult, options: TranscribeOptions) -> bool:
+    if options.no_speech_threshold is None or result.no_speech_prob <= options.no_speech_threshold:
+        return False
+    # a confident transcript is kept despite the no-speech probability
+    return not (options.logprob_threshold is not None and result.avg_logprob > options.logprob_threshold)
+
+
+class TaskCache:
+    """One DecodingTask per temperature (building one prepares the logit masks)."""
+
+    def __init__(self, model: Whisper, options: DecodingOptions):
+        self.model, self.options, self.tasks = model, options, {}
+
+    def get(self, temperature: float) -> DecodingTask:
+        if temperature not in self.tasks:
+            best_of = self.options.best_of if temperature > 0 else None
+            self.tasks[temperature] = DecodingTask(
+                self.model, replace(self.options, temperature=temperature, best_of=best_of))
+        return self.tasks[temperature]
+
+
+def decode_with_fallback(tasks: TaskCache, features: mx.array, prompts: list, languages: list,
+                         options: TranscribeOptions) -> list[DecodingResult]:
+    """Decode every row; rows failing the quality checks are decoded again, together, at the next
+    temperature of the ladder (their encoder output reused), until they pass or the ladder ends."""
+    results: list[DecodingResult | None] = [None] * features.shape[0]
+    pending = list(range(features.shape[0]))
+    for temperature in options.temperatures:
+        rows = mx.array(pending) if len(pending) < features.shape[0] else None
+        batch = features if rows is None else features[rows]
+        decoded = tasks.get(temperature).run(batch, [prompts[i] for i in pending],
+                                             [languages[i] for i in pending], temperature=temperature)
+        failed = []
+        for row, result in zip(pending, decoded):
+            results[row] = result
+            if needs_fallback(result, options):
+                failed.append(row)
+        pending = failed
+        if not pending:
+            break
+    return results
+
+
+# ------------------------------------------------------------------------------ shared context
+
+
+@dataclass
+class Transcript:
+    """What the loop has produced so far."""
+
+    initial_prompt_tokens: list[int]
+    all_tokens: list[int] = field(default_factory=list)
+    segments: list[dict] = field(default_factory=list)
+    prompt_reset_since: int = 0
+    last_speech_timestamp: float = 0.0
+
+    def add(self, segments: list[dict], result: DecodingResult, options: TranscribeOptions) -> None:
+        first_id = len(self.segments)
+        self.segments.extend({"id": first_id + i, **s} for i, s in enumerate(segments))
+        self.all_tokens.extend(t for s in segments for t in s["tokens"])
+        if not options.condition_on_previous_text or result.temperature > 0.5:
+            self.prompt_reset_since = len(self.all_tokens)  # no prompt after a high temperature
+
+    def prompt(self, options: TranscribeOptions, n_text_ctx: int) -> list[int]:
+        """Previous text to condition the next window on (openai's rules, carry_initial_prompt too)."""
+        if not options.carry_initial_prompt:
+            return self.all_tokens[self.prompt_reset_since :]
+        initial = self.initial_prompt_tokens
+        remaining = n_text_ctx // 2 - 1 - len(initial)
+        ignored = max(len(initial), self.prompt_reset_since)
+        carried = self.all_tokens[ignored:][-remaining:] if remaining > 0 else []
+        return initial + carried
+
+
+@dataclass
+class Context:
+    """Per-call constants: the model, the mel, the tokenizer and the options."""
+
+    model: Whisper
+    mel: mx.array  # (n_frames + N_FRAMES padding, n_mels)
+    content_frames: int
+    options: TranscribeOptions
+    decode_options: DecodingOptions
+    tasks: TaskCache
+    language: str | None = None
+    first_window: tuple[int, mx.array] | None = None  # (seek, encoder output) kept from detection
+
+    @property
+    def tokenizer(self):
+        return self.tasks.get(self.options.temperatures[0]).tokenizer
+
+    def window_mel(self, start: int, size: int) -> mx.array:
+        return pad_or_trim(self.mel[start : start + size], N_FRAMES, axis=0)
+
+    def encode(self, starts_sizes: list[tuple[int, int]]) -> mx.array:
+        """Encoder outputs (B, n_audio_ctx, n_state) of windows, reusing the detection window."""
+        if len(starts_sizes) == 1 and self.first_window is not None and self.first_window[0] == starts_sizes[0][0]:
+            features = self.first_window[1]
+            self.first_window = None
+            return features
+        mels = mx.stack([self.window_mel(s, n) for s, n in starts_sizes])
+        return encode_windows(self.model, mels)
+
+
+def encode_windows(model: Whisper, mels: mx.array) -> mx.array:
+    """The encoder over a batch of windows, evaluated now."""
+    features = model.embed_audio(mels)
+    mx.eval(features)
+    return features
+
+
+def detect_file_language(ctx: Context, start: int) -> str:
+    """Language of the first window; its encoder output is kept for decoding that window."""
+    if not ctx.model.is_multilingual:
+        return "en"
+    size = min(N_FRAMES, ctx.content_frames - start) if ctx.content_frames > start else N_FRAMES
+    features = encode_windows(ctx.model, ctx.window_mel(start, size)[None])
+    ctx.first_window = (start, features)
+    return language_of(ctx, features)
+
+
+def language_of(ctx: Context, features: mx.array) -> str:
+    """The most likely language of one encoded window."""
+    if not ctx.model.is_multilingual:
+        return "en"
+    tokenizer = get_tokenizer(True, num_languages=ctx.model.num_languages, language="en")
+    _, probs = detect_language(ctx.model, tokenizer=tokenizer, audio_features=features)
+    language = max(probs[0], key=probs[0].get)
+    if ctx.options.verbose:
+        print(f"Detected language: {LANGUAGES[language].title()}")
+    return language
+
+
+def print_segments(segments: list[dict], verbose: bool | None) -> None:
+    if not verbose:
+        return
+    from .writers import format_timestamp
+
+    for s in segments:
+        line = f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text']}"
+        print(line.encode(sys.stdout.encoding or "utf-8", errors="replace").decode(sys.stdout.encoding or "utf-8"),
+              flush=True)
+
+
+def last_word_end(segments: list[dict]) -> float | None:
+    for segment in reversed(segments):
+        words = segment.get("words") or []
+        if words:
+            return words[-1]["end"]
+    return segments[-1]["end"] if segments else None
+
+
+# ------------------------------------------------------------------------- word timing
+
+
+@dataclass
+class WindowSpan:
+    seek: int  # first mel frame of the window
+    size: int  # mel frames of audio in it (<= N_FRAMES)
+
+    @property
+    def time_offset(self) -> float:
+        return self.seek * HOP_LENGTH / SAMPLE_RATE
+
+    @property
+    def duration(self) -> float:
+        return self.size * HOP_LENGTH / SAMPLE_RATE
+
+    @property
+    def end_time(self) -> float:
+        """End of the 30 s window (not of its audio), as openai's hallucination rules use it."""
+        return (self.seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
+
+
+def add_words(ctx: Context, transcript: Transcript, segments: list[dict], features: mx.array, span: WindowSpan):
+    from .timing import add_word_timestamps
+
+    add_word_timestamps(
+        segments=segments, model=ctx.model, tokenizer=ctx.tokenizer, audio_features=features,
+        num_frames=span.size, prepend_punctuations=ctx.options.prepend_punctuations,
+        append_punctuations=ctx.options.append_punctuations,
+        last_speech_timestamp=transcript.last_speech_timestamp,
+    )
+
+
+def hallucination_cut(segments: list[dict], span: WindowSpan, threshold: float, last_speech: float,
+                      content_frames: int) -> int | None:
+    """openai's rule: drop an anomalous segment surrounded by silence (or more anomalies) and
+    everything after it; returns the frame to seek to, or None when nothing is dropped."""
+    from .timing import is_segment_anomaly, next_words_segment
+
+    content_duration = content_frames * HOP_LENGTH / SAMPLE_RATE
+    previous_end = last_speech
+    for i, segment in enumerate(segments):
+        if not segment.get("words"):
+            continue
+        if is_segment_anomaly(segment):
+            following = next_words_segment(segments[i + 1 :])
+            next_start = following["words"][0]["start"] if following else span.time_offset + span.duration
+            silence_before = (segment["start"] - previous_end > threshold or segment["start"] < threshold
+                              or segment["start"] - span.time_offset < 2.0)
+            silence_after = (next_start - segment["end"] > threshold or is_segment_anomaly(following)
+                             or span.end_time - segment["end"] < 2.0)
+            if silence_before and silence_after:
+                seek = round(max(span.time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
+                if content_duration - segment["end"] < threshold:
+                    seek = content_frames
+                del segments[i:]
+                return seek
+        previous_end = segment["end"]
+    return None
+
+
+def seek_after_words(segments: list[dict], span: WindowSpan, seek: int, single_ending: bool,
+                     threshold: float | None) -> int:
+    """With word timestamps, the next window starts at the last word's end (openai)."""
+    if single_ending:
+        return seek
+    end = last_word_end(segments)
+    if end is None or end <= span.time_offset:
+        return seek
+    if threshold is not None and span.end_time - end <= threshold:
+        return span.seek + span.size
+    return round(end * FRAMES_PER_SECOND)
+
+
+def apply_word_timing(ctx: Context, transcript: Transcript, window, features: mx.array, span: WindowSpan,
+                      seek: int) -> tuple[int, bool]:
+    """Adds words to window.segments; returns (next seek, whether to drop the whole window)."""
+    from .timing import is_segment_anomaly, next_words_segment
+
+    segments = window.segments
+    add_words(ctx, transcript, segments, features, span)
+    threshold = ctx.options.hallucination_silence_threshold
+    seek = seek_after_words(segments, span, seek, window.single_timestamp_ending, threshold)
+    if threshold is not None:
+        first = next_words_segment(segments)
+        if first is not None and is_segment_anomaly(first):
+            gap = first["start"] - span.time_offset
+            if gap > threshold:  # a likely hallucination after leading silence: skip the silence
+                return span.seek + round(gap * FRAMES_PER_SECOND), True
+        cut = hallucination_cut(segments, span, threshold, transcript.last_speech_timestamp, ctx.content_frames)
+        if cut is not None:
+            seek = cut
+    end = last_word_end(segments)
+    if end is not None:
+        transcript.last_speech_timestamp = end
+    return seek, False
+
+
+# --------------------------------------------------------------------------- sequential mode
+
+
+def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features: mx.array,
+                   result: DecodingResult, batched: bool) -> int:
+    """Turn one decoded window into segments and add them; returns where the next window starts."""
+    if should_skip_as_silence(result, ctx.options):
+        return span.seek + span.size
+    window = split_window(ctx.tokenizer, result, seek=span.seek, segment_size=span.size)
+    if batched:
+        close_unfinished_tail(ctx.tokenizer, window, result, seek=span.seek, segment_size=span.size)
+    seek = span.seek + window.seek_delta
+    if seek <= span.seek:  # a zero-length advance would decode the same window forever
+        seek = span.seek + span.size
+    if batched:
+        seek = span.seek + span.size
+    if ctx.options.word_timestamps:
+        seek, drop = apply_word_timing(ctx, transcript, window, features, span, seek)
+        if drop:
+            return seek if not batched else span.seek + span.size
+        if batched:
+            seek = span.seek + span.size
+    print_segments(window.segments, ctx.options.verbose)
+    clear_empty_segments(window.segments)
+    transcript.add(window.segments, result, ctx.options)
+    return seek
+
+
+def run_sequential(ctx: Context, transcript: Transcript, progress) -> None:
+    """openai-whisper's loop: decode a window, seek to its last complete timestamp, repeat."""
+    clips = seek_clips(ctx.options.clip_timestamps, ctx.content_frames)
+    clip_index, seek = 0, clips[0][0]
+    while clip_index < len(clips):
+        clip_start, clip_end = clips[clip_index]
+        seek = max(seek, clip_start)
+        if seek >= clip_end:
+            clip_index += 1
+            if clip_index < len(clips):
+                seek = clips[clip_index][0]
+            continue
+        span = WindowSpan(seek, min(N_FRAMES, ctx.content_frames - seek, clip_end - seek))
+        features = ctx.encode([(span.seek, span.size)])
+        prompt = transcript.prompt(ctx.options, ctx.model.dims.n_text_ctx)
+        result = decode_with_fallback(ctx.tasks, features, [prompt], [ctx.language], ctx.options)[0]
+        next_seek = process_window(ctx, transcript, span, features, result, batched=False)
+        progress(min(ctx.content_frames, next_seek) - seek)
+        seek = next_seek
+
+
+# ----------------------------------------------------------------------------- batched mode
+
+
+def run_batched(ctx: Context, transcript: Transcript, progress) -> None:
+    """Windows cut at silences by the VAD, decoded batch_size at a time; every window is prompted
+    with the initial prompt only (there is no previous text inside a batch)."""
+    from .vad import plan_windows
+
+    clips = seek_clips(ctx.options.clip_timestamps, ctx.content_frames)
+    mel = np.array(ctx.mel[: ctx.content_frames])
+    spans = [WindowSpan(start, end - start) for start, end in plan_windows(mel, clips)]
+    covered = 0
+    prompt = transcript.initial_prompt_tokens or None
+    for first in range(0, len(spans), ctx.options.batch_size):
+        batch = spans[first : first + ctx.options.batch_size]
+        features = ctx.encode([(s.seek, s.size) for s in batch])
+        if ctx.language is None:
+            ctx.language = language_of(ctx, features[0:1])
+        results = decode_with_fallback(ctx.tasks, features, [prompt] * len(batch), [ctx.language] * len(batch),
+                                       ctx.options)
+        for i, (span, result) in enumerate(zip(batch, results)):
+            process_window(ctx, transcript, span, features[i : i + 1], result, batched=True)
+        done = batch[-1].seek + batch[-1].size
+        progress(done - covered)
+        covered = done
+    progress(ctx.content_frames - covered)
+
+
+# ------------------------------------------------------------------------------- entry point
+
+_DECODING_FIELDS = {f.name for f in fields(DecodingOptions)}
+_model_cache: dict = {}
+_model_cache_lock = threading.Lock()
+
+
+def resolve_model(model: Whisper | None, path_or_hf_repo: str | None, fp16: bool | None) -> Whisper:
+    if model is not None:
+        return model
+    from .load_models import default_model_path, get_cached_model
+
+    dtype = None if fp16 is None else (mx.float16 if fp16 else mx.float32)
+    return get_cached_model(path_or_hf_repo or default_model_path(), dtype)
+
+
+def build_options(temperature, batch_size, verbose, clip_timestamps, **kwargs) -> TranscribeOptions:
+    temperatures = (float(temperature),) if np.isscalar(temperature) else tuple(float(t) for t in temperature)
+    if not temperatures:
+        raise DecodingError("temperature must be a number or a non-empty sequence")
+    if batch_size is None:
+        batch_size = 1
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise DecodingError(f"batch_size must be a positive integer, got {batch_size!r}")
+    options = TranscribeOptions(temperatures=temperatures, batch_size=int(batch_size), verbose=verbose,
+                                clip_timestamps=parse_clip_timestamps(clip_timestamps), **kwargs)
+    if options.hallucination_silence_threshold is not None and not options.word_timestamps:
+        raise DecodingError("hallucination_silence_threshold requires word_timestamps=True")
+    return options
+
+
+def build_decoding_options(model: Whisper, decode_options: dict) -> DecodingOptions:
+    unknown = sorted(set(decode_options) - _DECODING_FIELDS)
+    if unknown:
+        raise TypeError(f"transcribe() got unexpected keyword arguments: {', '.join(unknown)}")
+    decode_options = dict(decode_options)
+    decode_options.pop("temperature", None)
+    language = decode_options.get("language")
+    if language is not None:
+        language = language.lower()
+        language = TO_LANGUAGE_CODE.get(language, language)
+        if language not in LANGUAGES:
+            raise DecodingError(f"unsupported language: {decode_options['language']!r}")
+        if not model.is_multilingual and language != "en":
+            raise DecodingError(f"{language!r}: this model is English-only")
+        decode_options["language"] = language
+    if not model.is_multilingual:
+        decode_options["language"] = "en"
+        if decode_options.get("task", "transcribe") == "translate":
+            raise DecodingError("an English-only model cannot translate")
+    return DecodingOptions(**decode_options)
+
+
+def transcribe(
+    audio,
+    *,
+    path_or_hf_repo: str | None = None,
+    model: Whisper | None = None,
+    verbose: bool | None = None,
+    temperature: float | Sequence[float] = DEFAULT_TEMPERATURES,
+    compression_ratio_threshold: float | None = 2.4,
+    logprob_threshold: float | None = -1.0,
+    no_speech_threshold: float | None = 0.6,
+    condition_on_previous_text: bool = True,
+    initial_prompt: str | None = None,
+    carry_initial_prompt: bool = False,
+    word_timestamps: bool = False,
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS,
+    append_punctuations: str = APPEND_PUNCTUATIONS,
+    clip_timestamps: str | Sequence[float] = "0",
+    hallucination_silence_threshold: float | None = None,
+    batch_size: int | None = None,
+    **decode_options,
+) -> dict:
+    """Transcribe an audio file or waveform; returns openai-whisper's result dict
+    {"text", "segments": [...], "language"}.
+
+    batch_size=1 (default) runs openai's sequential loop (each window conditioned on the previous
+    text); batch_size>1 decodes that many windows at once, cut at silences, each prompted with the
+    initial prompt only. Remaining keywords are DecodingOptions fields (language, task, fp16, ...).
+    """
+    model = resolve_model(model, path_or_hf_repo, decode_options.get("fp16"))
+    options = build_options(
+        temperature, batch_size, verbose, clip_timestamps,
+        compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
+        no_speech_threshold=no_speech_threshold, condition_on_previous_text=condition_on_previous_text,
+        initial_prompt=initial_prompt, carry_initial_prompt=carry_initial_prompt,
+        word_timestamps=word_timestamps, prepend_punctuations=prepend_punctuations,
+        append_punctuations=append_punctuations, hallucination_silence_threshold=hallucination_silence_threshold,
+    )
+    decoding = build_decoding_options(model, decode_options)
+    mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
+    ctx = Context(model, mel, mel.shape[0] - N_FRAMES, options, decoding, TaskCache(model, decoding),
+                  language=decoding.language)
+    if word_timestamps and decoding.task == "translate":
+        import warnings
+
+        warnings.warn("Word-level timestamps on translations may not be reliable.", stacklevel=2)
+    return run_transcription(ctx)
+
+
+def run_transcription(ctx: Context) -> dict:
+    options = ctx.options
+    prompt_tokens = ctx.tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+    transcript = Transcript(initial_prompt_tokens=prompt_tokens, all_tokens=list(prompt_tokens))
+    duration = ctx.content_frames / FRAMES_PER_SECOND
+    with tqdm.tqdm(total=round(duration, 2), unit="s", unit_scale=False, disable=options.verbose is not False,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
+        progress = lambda frames: bar.update(max(0, frames) / FRAMES_PER_SECOND)  # noqa: E731
+        if options.batch_size > 1:
+            run_batched(ctx, transcript, progress)
+        else:
+            if ctx.language is None:
+                first = seek_clips(options.clip_timestamps, ctx.content_frames)[0][0]
+                ctx.language = detect_file_language(ctx, first)
+            run_sequential(ctx, transcript, progress)
+    segments = transcript.segments
+    return {"text": "".join(s["text"] for s in segments), "segments": segments, "language": ctx.language or "en"}
