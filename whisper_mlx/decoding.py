@@ -16,7 +16,7 @@ import numpy as np
 from .audio import CHUNK_LENGTH, N_FRAMES
 from .errors import DecodingError
 from .tokenizer import Tokenizer, get_tokenizer
-from .whisper import DecoderState, Whisper
+from .whisper import Whisper
 
 NEG_INF = float("-inf")
 

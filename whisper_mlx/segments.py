@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from .audio import HOP_LENGTH, SAMPLE_RATE
 from .decoding import DecodingResult
 from .tokenizer import Tokenizer
 
@@ -19,7 +19,6 @@ class WindowSegments:
     segments: list[dict]
     seek_delta: int  # mel frames to advance the seek by (sequential mode)
     single_timestamp_ending: bool
-    dropped_tail: list[int]  # tokens of an unfinished last segment (re-decoded from the seek)
 
 
 def make_segment(tokenizer: Tokenizer, *, seek: int, start: float, end: float, tokens: list[int],
@@ -61,31 +60,15 @@ def split_window(tokenizer: Tokenizer, result: DecodingResult, *, seek: int, seg
                                 time_offset + (piece[-1] - ts_begin) * TIME_PRECISION, piece.tolist()))
             last_slice = current
         if single_ending:
-            return WindowSegments(segments, segment_size, True, [])
+            return WindowSegments(segments, segment_size, True)
         last_ts = int(tokens[last_slice - 1]) - ts_begin
-        return WindowSegments(segments, last_ts * INPUT_STRIDE, False, tokens[last_slice:].tolist())
+        return WindowSegments(segments, last_ts * INPUT_STRIDE, False)
     duration = segment_size * HOP_LENGTH / SAMPLE_RATE
     timestamps = tokens[is_ts]
     if len(timestamps) > 0 and timestamps[-1] != ts_begin:
         duration = (int(timestamps[-1]) - ts_begin) * TIME_PRECISION  # no pair, but a timestamp: use it
     return WindowSegments([new(time_offset, time_offset + duration, tokens.tolist())], segment_size,
-                          single_ending, [])
-
-
-def close_unfinished_tail(tokenizer: Tokenizer, window: WindowSegments, result: DecodingResult, *,
-                          seek: int, segment_size: int) -> None:
-    """Batched mode cannot re-decode an unfinished last segment, so keep it: it ends where the window's
-    audio ends (windows are cut in silence, so this is where the speech stops)."""
-    tail = window.dropped_tail
-    if not any(t < tokenizer.eot for t in tail):
-        return
-    ts_begin = tokenizer.timestamp_begin
-    time_offset = seek * HOP_LENGTH / SAMPLE_RATE
-    start = time_offset + (tail[0] - ts_begin) * TIME_PRECISION if tail[0] >= ts_begin else (
-        window.segments[-1]["end"] if window.segments else time_offset)
-    end = max(start, time_offset + min(segment_size, N_FRAMES) * HOP_LENGTH / SAMPLE_RATE)
-    window.segments.append(make_segment(tokenizer, seek=seek, start=start, end=end, tokens=tail, result=result))
-    window.dropped_tail = []
+                          single_ending)
 
 
 def clear_empty_segments(segments: list[dict]) -> None:

@@ -18,7 +18,7 @@ import tqdm
 from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .errors import DecodingError
-from .segments import clear_empty_segments, close_unfinished_tail, split_window
+from .segments import clear_empty_segments, split_window
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 from .whisper import Whisper
 
@@ -340,81 +340,81 @@ def apply_word_timing(ctx: Context, transcript: Transcript, window, features: mx
     return seek, False
 
 
-# --------------------------------------------------------------------------- sequential mode
+# ------------------------------------------------------------------- sequential and batched
 
 
 def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features: mx.array,
-                   result: DecodingResult, batched: bool) -> int:
+                   result: DecodingResult) -> int:
     """Turn one decoded window into segments and add them; returns where the next window starts."""
     if should_skip_as_silence(result, ctx.options):
         return span.seek + span.size
     window = split_window(ctx.tokenizer, result, seek=span.seek, segment_size=span.size)
-    if batched:
-        close_unfinished_tail(ctx.tokenizer, window, result, seek=span.seek, segment_size=span.size)
     seek = span.seek + window.seek_delta
     if seek <= span.seek:  # a zero-length advance would decode the same window forever
-        seek = span.seek + span.size
-    if batched:
         seek = span.seek + span.size
     if ctx.options.word_timestamps:
         seek, drop = apply_word_timing(ctx, transcript, window, features, span, seek)
         if drop:
-            return seek if not batched else span.seek + span.size
-        if batched:
-            seek = span.seek + span.size
+            return seek
     print_segments(window.segments, ctx.options.verbose)
     clear_empty_segments(window.segments)
     transcript.add(window.segments, result, ctx.options)
     return seek
 
 
-def run_sequential(ctx: Context, transcript: Transcript, progress) -> None:
-    """openai-whisper's loop: decode a window, seek to its last complete timestamp, repeat."""
-    clips = seek_clips(ctx.options.clip_timestamps, ctx.content_frames)
-    clip_index, seek = 0, clips[0][0]
-    while clip_index < len(clips):
-        clip_start, clip_end = clips[clip_index]
-        seek = max(seek, clip_start)
-        if seek >= clip_end:
-            clip_index += 1
-            if clip_index < len(clips):
-                seek = clips[clip_index][0]
-            continue
-        span = WindowSpan(seek, min(N_FRAMES, ctx.content_frames - seek, clip_end - seek))
-        features = ctx.encode([(span.seek, span.size)])
-        prompt = transcript.prompt(ctx.options, ctx.model.dims.n_text_ctx)
-        result = decode_with_fallback(ctx.tasks, features, [prompt], [ctx.language], ctx.options)[0]
-        next_seek = process_window(ctx, transcript, span, features, result, batched=False)
-        progress(min(ctx.content_frames, next_seek) - seek)
-        seek = next_seek
+@dataclass
+class Lane:
+    """One stretch of audio transcribed with openai's sequential seek loop, over its clips."""
+
+    clips: list[tuple[int, int]]  # (start, end) mel frames
+    transcript: Transcript
+    clip_index: int = 0
+    seek: int = 0
+
+    def next_span(self, content_frames: int) -> WindowSpan | None:
+        """The next window to decode, or None when the lane is done."""
+        while self.clip_index < len(self.clips):
+            start, end = self.clips[self.clip_index]
+            self.seek = max(self.seek, start)
+            if self.seek < end:
+                return WindowSpan(self.seek, min(N_FRAMES, content_frames - self.seek, end - self.seek))
+            self.clip_index += 1
+        return None
 
 
-# ----------------------------------------------------------------------------- batched mode
+def run_lanes(ctx: Context, lanes: list[Lane], progress) -> None:
+    """Step all lanes together: one window of each unfinished lane per batch. Each lane keeps
+    openai's semantics (seek to the last timestamp, prompt with its own previous text)."""
+    n_text_ctx = ctx.model.dims.n_text_ctx
+    while True:
+        active = [(lane, span) for lane in lanes if (span := lane.next_span(ctx.content_frames)) is not None]
+        if not active:
+            return
+        features = ctx.encode([(span.seek, span.size) for _, span in active])
+        if ctx.language is None:
+            ctx.language = language_of(ctx, features[0:1])
+        prompts = [lane.transcript.prompt(ctx.options, n_text_ctx) for lane, _ in active]
+        results = decode_with_fallback(ctx.tasks, features, prompts, [ctx.language] * len(active), ctx.options)
+        for i, ((lane, span), result) in enumerate(zip(active, results)):
+            lane.seek = process_window(ctx, lane.transcript, span, features[i : i + 1], result)
+            progress(min(ctx.content_frames, lane.seek) - span.seek)
 
 
-def run_batched(ctx: Context, transcript: Transcript, progress) -> None:
-    """Windows cut at silences by the VAD, decoded batch_size at a time; every window is prompted
-    with the initial prompt only (there is no previous text inside a batch)."""
-    from .vad import plan_windows
+def batched_lanes(ctx: Context, initial_prompt_tokens: list[int]) -> list[Lane]:
+    """Split the speech (found by the VAD) into up to batch_size lanes, cut in silences."""
+    from .vad import plan_lanes
 
     clips = seek_clips(ctx.options.clip_timestamps, ctx.content_frames)
     mel = np.array(ctx.mel[: ctx.content_frames])
-    spans = [WindowSpan(start, end - start) for start, end in plan_windows(mel, clips)]
-    covered = 0
-    prompt = transcript.initial_prompt_tokens or None
-    for first in range(0, len(spans), ctx.options.batch_size):
-        batch = spans[first : first + ctx.options.batch_size]
-        features = ctx.encode([(s.seek, s.size) for s in batch])
-        if ctx.language is None:
-            ctx.language = language_of(ctx, features[0:1])
-        results = decode_with_fallback(ctx.tasks, features, [prompt] * len(batch), [ctx.language] * len(batch),
-                                       ctx.options)
-        for i, (span, result) in enumerate(zip(batch, results)):
-            process_window(ctx, transcript, span, features[i : i + 1], result, batched=True)
-        done = batch[-1].seek + batch[-1].size
-        progress(done - covered)
-        covered = done
-    progress(ctx.content_frames - covered)
+    return [
+        Lane(lane_clips, Transcript(initial_prompt_tokens, list(initial_prompt_tokens)))
+        for lane_clips in plan_lanes(mel, clips, ctx.options.batch_size)
+    ]
+
+
+def merge_lanes(lanes: list[Lane]) -> list[dict]:
+    segments = [s for lane in lanes for s in lane.transcript.segments]
+    return [{**s, "id": i} for i, s in enumerate(segments)]
 
 
 # ------------------------------------------------------------------------------- entry point
@@ -527,11 +527,12 @@ def run_transcription(ctx: Context) -> dict:
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
         progress = lambda frames: bar.update(max(0, frames) / FRAMES_PER_SECOND)  # noqa: E731
         if options.batch_size > 1:
-            run_batched(ctx, transcript, progress)
+            lanes = batched_lanes(ctx, prompt_tokens)
         else:
+            clips = seek_clips(options.clip_timestamps, ctx.content_frames)
             if ctx.language is None:
-                first = seek_clips(options.clip_timestamps, ctx.content_frames)[0][0]
-                ctx.language = detect_file_language(ctx, first)
-            run_sequential(ctx, transcript, progress)
-    segments = transcript.segments
+                ctx.language = detect_file_language(ctx, clips[0][0])
+            lanes = [Lane(clips, transcript)]
+        run_lanes(ctx, lanes, progress)
+    segments = merge_lanes(lanes)
     return {"text": "".join(s["text"] for s in segments), "segments": segments, "language": ctx.language or "en"}

@@ -1,18 +1,18 @@
-"""A fast energy voice-activity detector on the log-mel we already have, and the window planner
-that packs speech into <= 30 s windows cut in silence (so batched decoding cuts no word)."""
+"""A fast energy voice-activity detector on the log-mel we already have, and the lane planner that
+splits the speech into stretches cut in silence (so batched decoding cuts no word)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .audio import FRAMES_PER_SECOND, N_FRAMES
+from .audio import FRAMES_PER_SECOND
 
 SMOOTH_FRAMES = 10  # 0.1 s moving average for the speech/non-speech decision
 CUT_SMOOTH_FRAMES = 30  # 0.3 s moving average when choosing where to cut
 MIN_SKIPPED_SILENCE = 2 * FRAMES_PER_SECOND  # only silences this long are left undecoded
 SPEECH_PAD = 30  # frames of context kept around speech (0.3 s)
-CUT_SEARCH = 10 * FRAMES_PER_SECOND  # look for the quietest point in a window's last 10 s
-CUT_TOLERANCE = 0.05  # normalised log-mel units (about 0.2 in log10 power)
+LANE_CUT_SEARCH = 5 * FRAMES_PER_SECOND  # a lane boundary moves at most 5 s to find a pause
+MIN_LANE_FRAMES = 45 * FRAMES_PER_SECOND  # lanes shorter than this waste encoder passes on remainders
 
 
 def moving_average(x: np.ndarray, width: int) -> np.ndarray:
@@ -49,31 +49,35 @@ def speech_regions(speech: np.ndarray, start: int, end: int) -> list[tuple[int, 
     return [(max(start, int(a) - SPEECH_PAD), min(end, int(b) + 1 + SPEECH_PAD)) for a, b in zip(firsts, lasts)]
 
 
-def cut_region(energy: np.ndarray, start: int, end: int, max_frames: int = N_FRAMES) -> list[tuple[int, int]]:
-    """Split [start, end) into windows of at most max_frames, each cut at the quietest point of its
-    last CUT_SEARCH frames."""
-    smooth = moving_average(energy[start:end], CUT_SMOOTH_FRAMES)  # index 0 is frame `start`
-    base = start
-    windows = []
-    while end - start > max_frames:
-        lo = start + max_frames - min(CUT_SEARCH, max_frames // 2)
-        hi = start + max_frames
-        candidates = smooth[lo - base : hi - base]
-        # the latest point almost as quiet as the quietest: long windows, cut in a pause
-        quiet = np.flatnonzero(candidates <= candidates.min() + CUT_TOLERANCE)
-        cut = lo + int(quiet[-1])
-        windows.append((start, cut))
-        start = cut
-    windows.append((start, end))
-    return windows
+def quietest_near(energy: np.ndarray, target: int, lo: int, hi: int) -> int:
+    """The quietest frame (0.3 s average) within LANE_CUT_SEARCH of target, inside (lo, hi)."""
+    start, end = max(lo + 1, target - LANE_CUT_SEARCH), min(hi - 1, target + LANE_CUT_SEARCH)
+    if end <= start:
+        return target
+    smooth = moving_average(energy[start:end], CUT_SMOOTH_FRAMES)
+    return start + int(np.argmin(smooth))
 
 
-def plan_windows(mel: np.ndarray, clips: list[tuple[int, int]], max_frames: int = N_FRAMES) -> list[tuple[int, int]]:
-    """Windows (start, end) in mel frames covering all speech inside the clips, each <= max_frames."""
+def plan_lanes(mel: np.ndarray, clips: list[tuple[int, int]], max_lanes: int,
+               min_lane_frames: int = MIN_LANE_FRAMES) -> list[list[tuple[int, int]]]:
+    """Split the speech regions inside the clips into at most max_lanes lanes of similar speech
+    duration, each cut at a quiet point; a lane is a list of (start, end) regions in mel frames."""
     energy = frame_energy(mel)
     speech = speech_frames(energy)
-    windows: list[tuple[int, int]] = []
-    for clip_start, clip_end in clips:
-        for start, end in speech_regions(speech, clip_start, min(clip_end, len(energy))):
-            windows.extend(cut_region(energy, start, end, max_frames))
-    return [(s, e) for s, e in windows if e > s]
+    regions = [r for s, e in clips for r in speech_regions(speech, s, min(e, len(energy)))]
+    total = sum(e - s for s, e in regions)
+    if total == 0:
+        return []
+    n_lanes = max(1, min(max_lanes, total // min_lane_frames))
+    lanes: list[list[tuple[int, int]]] = [[]]
+    budget, used = total / n_lanes, 0
+    for start, end in regions:
+        while len(lanes) < n_lanes and used + (end - start) > budget * len(lanes):
+            cut = quietest_near(energy, start + int(budget * len(lanes) - used), start, end)
+            lanes[-1].append((start, cut))
+            used += cut - start
+            start = cut
+            lanes.append([])
+        lanes[-1].append((start, end))
+        used += end - start
+    return [[(s, e) for s, e in lane if e > s] for lane in lanes if any(e > s for s, e in lane)]

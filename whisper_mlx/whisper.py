@@ -297,9 +297,12 @@ class Whisper(nn.Module):
         if length > 1:  # causal within the new tokens
             causal = mx.arange(total)[None, :] > (mx.arange(length) + state.offset)[:, None]
             mask = mx.where(causal, -mx.inf, 0.0)[None, None]
-        if state.has_padding:  # never attend to a row's left padding
-            padded = mx.arange(total)[None, :] < state.pad[:, None]
-            pad_mask = mx.where(padded, -mx.inf, 0.0)[:, None, None, :]
+        if state.has_padding:  # real tokens never attend to a row's left padding
+            queries = mx.arange(state.offset, total)
+            padded_key = mx.arange(total)[None, None, :] < state.pad[:, None, None]
+            real_query = queries[None, :, None] >= state.pad[:, None, None]
+            # padding positions still see themselves, so no softmax row is all -inf (0 * NaN = NaN)
+            pad_mask = mx.where(padded_key & real_query, -mx.inf, 0.0)[:, None]
             mask = pad_mask if mask is None else mask + pad_mask
         return None if mask is None else mask.astype(self.dtype)
 

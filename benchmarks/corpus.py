@@ -1,0 +1,122 @@
+"""The benchmark corpus: manifest, sha256, decoding to 16 kHz mono, and the generated long file.
+
+Every system gets the very same samples: each file is decoded once here with PyAV (resampled to
+16 kHz mono s16 like openai's ``ffmpeg -ac 1 -ar 16000 -f s16le``, then /32768 as float32) and
+cached as ``.npy``; the runners load that array. Audio decoding is therefore excluded from every
+system's timing (mlx-whisper and lightning shell out to ffmpeg, which this machine lacks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+DATA_DIR = BENCH_DIR / "data"
+CACHE_DIR = BENCH_DIR / ".cache"
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class AudioFile:
+    name: str
+    audio: Path  # the original (or generated) audio file
+    reference: str  # reference transcript
+    language: str
+    sha256: str  # of the audio file
+    seconds: float
+    samples: Path  # cached decoded float32 16 kHz mono .npy
+
+
+def load_manifest() -> dict:
+    return json.loads((DATA_DIR / "manifest.json").read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decode_audio(path: Path) -> np.ndarray:
+    """Decode any audio file to float32 mono 16 kHz in [-1, 1)."""
+    import av
+
+    chunks = []
+    with av.open(str(path)) as container:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        for frame in container.decode(audio=0):
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    if not chunks:
+        raise ValueError(f"{path}: no audio decoded")
+    return np.concatenate(chunks).astype(np.float32) / 32768.0
+
+
+def write_flac(samples: np.ndarray, path: Path) -> None:
+    """Write float32 mono 16 kHz samples as a 16-bit FLAC file."""
+    import av
+
+    pcm = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
+        for start in range(0, len(pcm), SAMPLE_RATE * 10):
+            frame = av.AudioFrame.from_ndarray(pcm[None, start : start + SAMPLE_RATE * 10], format="s16", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def _cached_samples(audio: Path, sha256: str, cache_dir: Path) -> Path:
+    target = cache_dir / "audio" / f"{audio.stem}-{sha256[:12]}.npy"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, decode_audio(audio))
+    return target
+
+
+def _from_entry(entry: dict, cache_dir: Path) -> AudioFile:
+    audio = DATA_DIR / entry["audio"]
+    if not audio.exists():
+        raise FileNotFoundError(f"{audio}: missing (benchmarks/data links into tests/data)")
+    sha = sha256_file(audio)
+    samples = _cached_samples(audio, sha, cache_dir)
+    seconds = len(np.load(samples, mmap_mode="r")) / SAMPLE_RATE
+    reference = (DATA_DIR / entry["reference"]).read_text().strip()
+    return AudioFile(entry["name"], audio, reference, entry.get("language", "en"), sha, seconds, samples)
+
+
+def _generate(entry: dict, parts: dict[str, AudioFile], cache_dir: Path) -> AudioFile:
+    """Concatenate decoded parts into a FLAC under the cache (once), then treat it like any file."""
+    audio = cache_dir / "audio" / f"{entry['name']}.flac"
+    if not audio.exists():
+        pieces = [np.load(parts[name].samples) for name in entry["concatenate"]]
+        write_flac(np.concatenate(pieces), audio)
+    sha = sha256_file(audio)
+    samples = _cached_samples(audio, sha, cache_dir)
+    seconds = len(np.load(samples, mmap_mode="r")) / SAMPLE_RATE
+    reference = " ".join(parts[name].reference for name in entry["concatenate"])
+    return AudioFile(entry["name"], audio, reference, entry.get("language", "en"), sha, seconds, samples)
+
+
+def load_corpus(names: list[str] | None = None, cache_dir: Path = CACHE_DIR) -> list[AudioFile]:
+    """The requested files (all listed and generated ones when ``names`` is None), in the given order."""
+    manifest = load_manifest()
+    listed = {e["name"]: e for e in manifest["files"]}
+    generated = {e["name"]: e for e in manifest.get("generated", [])}
+    wanted = names if names is not None else list(listed) + list(generated)
+    unknown = [n for n in wanted if n not in listed and n not in generated]
+    if unknown:
+        raise SystemExit(f"unknown corpus file(s) {unknown}; known: {sorted(listed) + sorted(generated)}")
+    needed = set(wanted) | {p for n in wanted if n in generated for p in generated[n]["concatenate"]}
+    parts = {n: _from_entry(listed[n], cache_dir) for n in listed if n in needed}
+    return [parts[n] if n in listed else _generate(generated[n], parts, cache_dir) for n in wanted]

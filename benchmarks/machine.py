@@ -1,0 +1,87 @@
+"""What machine a run happened on, and which optimized BLAS the MLX peers get preloaded."""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, check=True).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            return platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_slug() -> str:
+    """Short file-name-safe name of this machine, e.g. ``linux-x86_64-2cpu-intel-xeon-platinum-8481c``."""
+    model = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor|\d+-core", "", cpu_model().lower())
+    model = re.sub(r"[^a-z0-9]+", "-", model).strip("-")[:40].strip("-")
+    return f"{sys.platform.rstrip('0123456789')}-{platform.machine().lower()}-{os.cpu_count()}cpu-{model}"
+
+
+def optimized_blas() -> str | None:
+    """The BLAS library whisper_mlx preloads (so the MLX peers get the very same one), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        from whisper_mlx.backend import find_blas
+    except ImportError:
+        candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+        return candidates[0] if candidates else None
+    choice = find_blas()
+    return choice[1] if choice else None
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict:
+    uname = platform.uname()
+    return {
+        "slug": machine_slug(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "arch": uname.machine,
+        "os": f"{uname.system} {uname.release}",
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "memory_gib": _memory_gib(),
+        "mlx": _version("mlx"),
+        "blas_preloaded_for_mlx_peers": optimized_blas(),
+        "load_average_start": load_average(),
+    }
+
+
+def load_average() -> float | None:
+    """1-minute load average: other work on the machine skews every timing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None

