@@ -32,7 +32,7 @@ def _decode_with_pyav(path: str, sr: int, chunk_samples: int) -> Iterator[np.nda
     try:
         container = av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise _PyAVCannotOpen(str(exc)) from exc
+        raise _PyAVCannotOpen(getattr(exc, "strerror", None) or str(exc)) from exc
     with container:
         if not container.streams.audio:
             raise AudioError(f"{path}: the file has no audio stream")
@@ -178,6 +178,138 @@ def normalize_log_mel(log_spec: np.ndarray, global_max: float | None = None) -> 
     return (np.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
 
+def normalize_log_mel_inplace(log_spec: np.ndarray) -> np.ndarray:
+    """normalize_log_mel without a second full-size array (log_spec is overwritten and returned)."""
+    if log_spec.size:
+        np.maximum(log_spec, log_spec.max() - 8.0, out=log_spec)
+        log_spec += 4.0
+        log_spec /= 4.0
+    return log_spec
+
+
+# ---- streamed log-mel: a long file is never held as one waveform ----
+
+_EDGE = N_FFT // 2  # reflect padding on each side (torch.stft(center=True))
+_STREAM_PIECE_SECONDS = 30.0
+
+
+class _FrameStore:
+    """A growable (frames, n_mels) float32 array, preallocated from the expected frame count."""
+
+    def __init__(self, n_mels: int, capacity: int):
+        self.data = np.empty((max(capacity, 1), n_mels), np.float32)
+        self.size = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        needed = self.size + rows.shape[0]
+        if needed > self.data.shape[0]:  # the duration estimate was short: grow (rare)
+            grown = np.empty((max(needed, self.data.shape[0] * 5 // 4), self.data.shape[1]), np.float32)
+            grown[: self.size] = self.data[: self.size]
+            self.data = grown
+        self.data[self.size : needed] = rows
+        self.size = needed
+
+
+class LogMelStream:
+    """log10 mel power computed piece by piece, identical to `log_mel_power` on the whole waveform.
+
+    Frame i covers padded samples [HOP_LENGTH * i, HOP_LENGTH * i + N_FFT), where the padded
+    signal is the audio with N_FFT // 2 samples of reflect padding at both ends. Only the samples
+    of frames not yet computed (under N_FFT) and the last N_FFT // 2 + 1 samples are kept.
+    """
+
+    def __init__(self, n_mels: int, expected_samples: int = 0):
+        self.n_mels = n_mels
+        self.frames = _FrameStore(n_mels, expected_samples // HOP_LENGTH + 1)
+        self.pending = np.zeros(0, np.float32)  # padded samples from the next frame's start on
+        self.tail = np.zeros(0, np.float32)  # the last _EDGE + 1 audio samples, for the end padding
+        self.n_samples = 0
+        self.started = False  # the start padding needs the first _EDGE + 1 samples
+
+    def feed(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        if samples.size == 0:
+            return
+        self.n_samples += samples.size
+        self.tail = np.concatenate([self.tail, samples[-(_EDGE + 1) :]])[-(_EDGE + 1) :]
+        self.pending = np.concatenate([self.pending, samples])
+        if not self.started:
+            if self.pending.size <= _EDGE:
+                return
+            self.pending = np.concatenate([self.pending[_EDGE:0:-1], self.pending])
+            self.started = True
+        self._compute_complete_frames()
+
+    def _compute_complete_frames(self) -> None:
+        if self.pending.size < N_FFT:
+            return
+        n_frames = 1 + (self.pending.size - N_FFT) // HOP_LENGTH
+        self.frames.append(_log_mel_frames(self.pending, n_frames, self.n_mels))
+        self.pending = self.pending[n_frames * HOP_LENGTH :].copy()
+
+    def finish(self) -> np.ndarray:
+        """The (n_samples // HOP_LENGTH, n_mels) log10 mel power (openai drops the last frame)."""
+        if not self.started:  # shorter than the padding: the whole-array computation is exact
+            return log_mel_power(self.pending, self.n_mels) if self.pending.size else self._empty()
+        self.pending = np.concatenate([self.pending, self.tail[-2::-1]])
+        self._compute_complete_frames()
+        return self.frames.data[: self.n_samples // HOP_LENGTH]
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.n_mels), np.float32)
+
+
+def _log_mel_frames(padded: np.ndarray, n_frames: int, n_mels: int) -> np.ndarray:
+    """log10 mel power of the first n_frames STFT frames of an (already padded) signal."""
+    frames = np.lib.stride_tricks.as_strided(
+        padded, shape=(n_frames, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0])
+    )
+    spectrum = np.fft.rfft(frames * _hann_window(), axis=-1)
+    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+    return np.log10(np.maximum(power @ mel_filters(n_mels).T, 1e-10))
+
+
+def _expected_samples(path: str, sr: int) -> int:
+    """The container's duration in samples at `sr` (0 when unknown); only sizes a buffer."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            duration = container.duration  # in av.time_base units (microseconds)
+    except Exception:  # noqa: BLE001 - an estimate only; decoding reports real errors
+        return 0
+    return int(duration * sr / 1_000_000) + sr if duration else 0
+
+
+def _waveform_pieces(waveform: np.ndarray, piece: int) -> Iterator[np.ndarray]:
+    for start in range(0, waveform.size, piece):
+        yield waveform[start : start + piece]
+
+
+def log_mel_array(audio: AudioInput, n_mels: int = 80, padding: int = 0) -> np.ndarray:
+    """The normalised log-mel as a float32 numpy array (n_frames, n_mels), computed in pieces.
+
+    A path is decoded piece by piece, so the whole waveform is never in memory: only the result
+    (4 * n_mels bytes per 10 ms) is. `padding` zero samples are appended (transcribe uses N_SAMPLES).
+    """
+    piece = int(_STREAM_PIECE_SECONDS * SAMPLE_RATE)
+    if isinstance(audio, (str, os.PathLike)):
+        path = _check_audio_path(audio)
+        pieces = iter_audio(path, SAMPLE_RATE, _STREAM_PIECE_SECONDS)
+        stream = LogMelStream(n_mels, _expected_samples(path, SAMPLE_RATE) + padding)
+    else:
+        waveform = validate_waveform(audio)
+        pieces = _waveform_pieces(waveform, piece)
+        stream = LogMelStream(n_mels, waveform.size + padding)
+    for samples in pieces:
+        stream.feed(samples)
+    if stream.n_samples == 0:
+        raise AudioError(f"{audio}: contains no audio samples")
+    for start in range(0, max(padding, 0), piece):
+        stream.feed(np.zeros(min(piece, padding - start), np.float32))
+    return normalize_log_mel_inplace(stream.finish())
+
+
 def to_waveform(audio: AudioInput) -> np.ndarray:
     if isinstance(audio, (str, os.PathLike)):
         return load_audio(audio)
@@ -188,10 +320,8 @@ def log_mel_spectrogram(audio: AudioInput, n_mels: int = 80, padding: int = 0):
     """Log-mel spectrogram as an mlx array of shape (n_frames, n_mels), as mlx-whisper returns it.
 
     audio: a path, or a 1-D float waveform at 16 kHz (numpy or mlx). padding: zero samples appended.
+    A path is decoded and transformed in pieces (see log_mel_array).
     """
     import mlx.core as mx
 
-    waveform = to_waveform(audio)
-    if padding > 0:
-        waveform = np.pad(waveform, (0, padding))
-    return mx.array(normalize_log_mel(log_mel_power(waveform, n_mels)))
+    return mx.array(log_mel_array(audio, n_mels, padding))

@@ -46,7 +46,13 @@ def speech_regions(speech: np.ndarray, start: int, end: int) -> list[tuple[int, 
     breaks = np.flatnonzero(np.diff(idx) > MIN_SKIPPED_SILENCE)
     firsts = np.concatenate([[idx[0]], idx[breaks + 1]])
     lasts = np.concatenate([idx[breaks], [idx[-1]]])
-    return [(max(start, int(a) - SPEECH_PAD), min(end, int(b) + 1 + SPEECH_PAD)) for a, b in zip(firsts, lasts)]
+    regions = [(max(start, int(a) - SPEECH_PAD), min(end, int(b) + 1 + SPEECH_PAD)) for a, b in zip(firsts, lasts)]
+    # silences shorter than MIN_SKIPPED_SILENCE at the clip's edges are kept too
+    if regions[0][0] - start < MIN_SKIPPED_SILENCE:
+        regions[0] = (start, regions[0][1])
+    if end - regions[-1][1] < MIN_SKIPPED_SILENCE:
+        regions[-1] = (regions[-1][0], end)
+    return regions
 
 
 def quietest_near(energy: np.ndarray, target: int, lo: int, hi: int) -> int:

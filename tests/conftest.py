@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+import whisper_mlx  # noqa: F401  (preloads the fast BLAS before mlx.core)
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_en():
+    from whisper_mlx.load_models import default_model_path, get_cached_model
+
+    return get_cached_model(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    from whisper_mlx.load_models import get_cached_model, packaged_model_path
+
+    return get_cached_model(packaged_model_path("base"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # CI runs the slow tests too; WHISPER_MLX_FAST=1 skips them for quick local iterations
+    if os.environ.get("WHISPER_MLX_FAST") == "1":
+        skip = pytest.mark.skip(reason="WHISPER_MLX_FAST=1 set: slow long-form tests deselected")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)

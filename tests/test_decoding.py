@@ -1,0 +1,129 @@
+"""On-device logit filters against a straightforward reference; model cache equivalences on a tiny
+random-weight model (no downloads, fast)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from reference_rules import reference_filter
+from whisper_mlx.decoding import (ApplyTimestampRules, DecodingOptions, DecodingTask, SuppressTokens,
+                                  TimestampHistory, compression_ratio, rank_candidates, select_tokens)
+from whisper_mlx.errors import DecodingError
+from whisper_mlx.tokenizer import get_tokenizer
+from whisper_mlx.whisper import ModelDimensions, Whisper
+
+N_VOCAB = 51864  # tiny.en
+
+
+def random_history(rng, batch, n, ts_begin):
+    seqs = [[int(rng.integers(ts_begin, ts_begin + 40)) if rng.random() < 0.5 else int(rng.integers(0, 500))
+             for _ in range(n)] for _ in range(batch)]
+    history = TimestampHistory.empty(batch)
+    for i in range(n):
+        history = history.push(mx.array([s[i] for s in seqs], dtype=mx.int32), ts_begin)
+    return seqs, history
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_timestamp_rules_equal_reference(seed):
+    tokenizer = get_tokenizer(False)
+    ts_begin = tokenizer.timestamp_begin
+    suppressed = list(tokenizer.non_speech_tokens) + [tokenizer.sot, tokenizer.no_speech]
+    blank = [*tokenizer.encode(" "), tokenizer.eot]
+    suppressor = SuppressTokens(N_VOCAB, suppressed, blank)
+    rules = ApplyTimestampRules(tokenizer, N_VOCAB, max_initial_timestamp_index=50)
+    rng = np.random.default_rng(seed)
+    for trial in range(25):
+        n = int(rng.integers(0, 6))
+        seqs, history = random_history(rng, 5, n, ts_begin)
+        logits = rng.normal(size=(5, N_VOCAB)) * 3
+        logits[:, ts_begin:] += rng.normal() * 6  # sometimes timestamps dominate, sometimes text
+        got = rules.apply(suppressor.apply(mx.array(logits.astype(np.float32)), n), history, n)
+        got = np.array(got)
+        want = reference_filter(logits, seqs, ts_begin=ts_begin, eot=tokenizer.eot,
+                                no_timestamps=tokenizer.no_timestamps, suppress=suppressed, blank=blank,
+                                max_initial_index=50)
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+        assert np.isfinite(got).any(axis=-1).all(), "a row must never be fully masked"
+
+
+def test_row_never_fully_masked_after_last_timestamp():
+    tokenizer = get_tokenizer(False)
+    ts_end = tokenizer.timestamp_begin + 1500  # <|30.00|>
+    rules = ApplyTimestampRules(tokenizer, N_VOCAB, 50)
+    history = TimestampHistory.empty(1).push(mx.array([100], dtype=mx.int32), tokenizer.timestamp_begin)
+    history = history.push(mx.array([ts_end], dtype=mx.int32), tokenizer.timestamp_begin)
+    logits = rules.apply(mx.zeros((1, N_VOCAB)), history, 2)
+    assert np.isfinite(np.array(logits)).any()
+    assert int(mx.argmax(logits, axis=-1).item()) in (tokenizer.eot, ts_end)
+
+
+def tiny_dims(n_vocab=51864):
+    return ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=n_vocab, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    mx.random.seed(0)
+    model = Whisper(tiny_dims())
+    model.update(model.parameters())  # materialise
+    positional = mx.random.normal(model.decoder.positional_embedding.shape) * 0.1
+    model.decoder.positional_embedding = positional
+    return model
+
+
+def test_cached_steps_equal_full_forward(random_model):
+    features = mx.random.normal((2, 1500, 64))
+    tokens = mx.array([[50257, 50362, 400, 401, 402], [50257, 50362, 10, 11, 12]])
+    full = random_model.logits(tokens, features)
+    state = random_model.new_state(features)
+    first, _ = random_model.step(tokens[:, :2], state)
+    steps = [first[:, -1]] + [random_model.step(tokens[:, i : i + 1], state)[0][:, -1] for i in range(2, 5)]
+    np.testing.assert_allclose(np.array(mx.stack(steps, axis=1)), np.array(full[:, 1:]), atol=1e-4)
+
+
+def test_left_padded_row_equals_unpadded(random_model):
+    features = mx.random.normal((1, 1500, 64))
+    short = [50257, 50362, 7]
+    state = random_model.new_state(features)
+    alone, _ = random_model.step(mx.array([short]), state)
+    padded_state = random_model.new_state(mx.concatenate([features, features]), mx.array([0, 3], mx.int32))
+    rows = mx.array([[50361, 1, 2] + short, [50256] * 3 + short])
+    together, _ = random_model.step(rows, padded_state)
+    np.testing.assert_allclose(np.array(together[1, -1]), np.array(alone[0, -1]), atol=1e-4)
+    nxt = mx.array([[9], [9]])
+    np.testing.assert_allclose(np.array(random_model.step(nxt, padded_state)[0][1, -1]),
+                               np.array(random_model.step(nxt[:1], state)[0][0, -1]), atol=1e-4)
+
+
+def test_batch_equals_single_and_compaction(random_model):
+    features = mx.random.normal((3, 1500, 64))
+    task = DecodingTask(random_model, DecodingOptions(language="en", sample_len=12))
+    batched = task.run(features, [None, "a prompt of some words", None])
+    singles = [task.run(features[i : i + 1], [p])[0] for i, p in enumerate([None, "a prompt of some words", None])]
+    for b, s in zip(batched, singles):
+        assert b.tokens == s.tokens
+        assert b.avg_logprob == pytest.approx(s.avg_logprob, abs=1e-4)
+
+
+def test_sampling_is_real_and_best_of_ranks():
+    logits = mx.zeros((1, 50))
+    draws = {int(select_tokens(logits, 1.0).item()) for _ in range(40)}
+    assert len(draws) > 5, "temperature sampling must not collapse to argmax"
+    assert int(select_tokens(mx.array([[0.0, 3.0, 1.0]]), 0.0).item()) == 1
+    # length-normalised: -10/10 beats -4/3; Google NMT penalty (alpha 1): -10/2.5 loses to -4/1.33
+    assert rank_candidates(np.array([-10.0, -4.0]), np.array([10, 3]), None) == 0
+    assert rank_candidates(np.array([-10.0, -4.0]), np.array([10, 3]), 1.0) == 1
+
+
+def test_options_validation():
+    with pytest.raises(DecodingError):
+        DecodingOptions(task="summarise")
+    with pytest.raises(DecodingError):
+        DecodingOptions(best_of=3, temperature=0.0)
+    with pytest.raises(NotImplementedError):
+        DecodingOptions(beam_size=5)
+    assert compression_ratio("ab" * 200) > 2.4 > compression_ratio("The quick brown fox jumps over it.")
