@@ -89,6 +89,10 @@ def markdown(data: dict) -> str:
             file_table(data, f["name"]),
             "",
         ]
+    if data.get("memory"):
+        from .memory import memory_markdown
+
+        out.append(memory_markdown(data["memory"]))
     return "\n".join(out)
 
 

@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # full comparison -> benchmarks/results/<date>-<machine>.{json,md,png}
     python -m benchmarks.run --quick         # jfk + ls_test, tiny.en, one run -> benchmarks/out/
     python -m benchmarks.run --quick --systems whisper_mlx   # CI smoke run (whisper_mlx alone)
+    python -m benchmarks.run --memory        # peak RSS on a 10-min and a 2-h file -> benchmarks/results/
 
 See benchmarks/README.md for what is measured and how.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
+import json
 import shlex
 import statistics
 import sys
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-file", default="jfk", help="corpus file transcribed once before timing (default jfk)")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results, quick: benchmarks/out)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measurement")
+    p.add_argument("--memory", action="store_true",
+                   help="only the memory test: whisper_mlx peak RSS on a 10-minute and a 2-hour file, and their ratio")  # fmt: skip
     p.add_argument(
         "--no-setup", action="store_true", help="skip systems whose venv is not ready instead of creating it"
     )
@@ -142,8 +146,31 @@ def measure_all(args, systems, pythons, files: list[AudioFile], warmup: AudioFil
     return rows
 
 
+def main_memory(args: argparse.Namespace, command: str) -> int:
+    """--memory: peak RSS of whisper_mlx batched on the generated 10-minute and 2-hour files."""
+    from .memory import memory_markdown, run_memory
+
+    info = machine_info()
+    print(f"{command}\nmachine: {info['cpu']} x{info['cores']}, {info['os']}, python {info['python']}", flush=True)
+    memory = run_memory(mlx_model(args.model, mlx_dtype()), args.timeout)
+    info["load_average_end"] = load_average()
+    now = dt.datetime.now(dt.timezone.utc)
+    data = {"schema": 1, "date": now.isoformat(timespec="seconds"), "command": command, "mode": "memory",
+            "model": args.model, "mlx_dtype": mlx_dtype(), "machine": info, "memory": memory}  # fmt: skip
+    stem = f"{now:%Y-%m-%d}-{info['slug']}-memory"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    header = f"## whisper_mlx memory test: {args.model}, {data['date'][:10]}\n\n- Command: `{command}`\n\n"
+    (args.out / f"{stem}.md").write_text(header + memory_markdown(memory))
+    print(f"wrote {args.out / stem}.json and .md; 2 h / 10 min peak RSS ratio: {memory['ratio']}", flush=True)
+    failed = [r["file"] for r in memory["rows"] if "error" in r]
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory:
+        return main_memory(args, "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv))
     if importlib.util.find_spec("jiwer") is None:
         raise SystemExit("the benchmark needs jiwer (and matplotlib for the chart): pip install -e '.[bench]'")
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -173,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             "results": rows}  # fmt: skip
     paths = report.write_outputs(data, args.out, f"{now:%Y-%m-%d}-{info['slug']}")
     if args.readme == "yes":
-        report.update_readme(BENCH_DIR / "README.md", data, paths)
+        for readme in (BENCH_DIR / "README.md", BENCH_DIR.parent / "README.md"):
+            report.update_readme(readme, data, paths)
     print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
     failed = [r["system"] + " on " + r["file"] for r in rows if "error" in r] + list(setup_errors)
     if failed:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
 
-from .errors import AudioError
+from .errors import AudioError, AudioTruncatedWarning
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -32,29 +33,61 @@ def _decode_with_pyav(path: str, sr: int, chunk_samples: int) -> Iterator[np.nda
     try:
         container = av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise _PyAVCannotOpen(getattr(exc, "strerror", None) or str(exc)) from exc
+        raise _PyAVCannotOpen(_ffmpeg_reason(exc)) from exc
     with container:
         if not container.streams.audio:
             raise AudioError(f"{path}: the file has no audio stream")
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
-        pending: list[np.ndarray] = []
-        pending_len = 0
-        try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    pending.append(out.to_ndarray().reshape(-1))
-                    pending_len += pending[-1].size
-                while pending_len >= chunk_samples:
-                    block = np.concatenate(pending)
-                    yield block[:chunk_samples]
-                    pending, pending_len = [block[chunk_samples:]], block.size - chunk_samples
-            for out in resampler.resample(None):
-                pending.append(out.to_ndarray().reshape(-1))
-        except av.error.FFmpegError as exc:
-            raise AudioError(f"{path}: audio stream is corrupt or truncated ({exc})") from exc
-        if pending:
-            yield np.concatenate(pending)
+        decoded = 0
+        for block in _rechunk(_resampled_frames(container, path, sr), chunk_samples):
+            decoded += block.size
+            yield block
+        _warn_if_truncated(path, container.duration, decoded / sr)
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    """FFmpeg's reason without the errno number and the repeated file name."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _resampled_frames(container, path: str, sr: int) -> Iterator[np.ndarray]:
+    """The first audio stream decoded and resampled to mono float32 at `sr`, one array per frame."""
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+    try:
+        for frame in container.decode(container.streams.audio[0]):
+            for out in resampler.resample(frame):
+                yield out.to_ndarray().reshape(-1)
+        for out in resampler.resample(None):
+            yield out.to_ndarray().reshape(-1)
+    except av.error.FFmpegError as exc:
+        raise AudioError(f"{path}: audio stream is corrupt or truncated ({_ffmpeg_reason(exc)})") from exc
+
+
+def _rechunk(arrays: Iterator[np.ndarray], chunk_samples: int) -> Iterator[np.ndarray]:
+    """Regroup 1-D arrays into pieces of exactly chunk_samples (the last one shorter, never empty)."""
+    pending: list[np.ndarray] = []
+    pending_len = 0
+    for array in arrays:
+        pending.append(array)
+        pending_len += array.size
+        while pending_len >= chunk_samples:
+            block = np.concatenate(pending)
+            yield block[:chunk_samples]
+            pending, pending_len = [block[chunk_samples:]], block.size - chunk_samples
+    if pending_len:
+        yield np.concatenate(pending)
+
+
+def _warn_if_truncated(path: str, declared_us: int | None, decoded_seconds: float) -> None:
+    """Warn when far less audio decoded than the container declares (e.g. a cut MP3 with a Xing header)."""
+    if not declared_us:
+        return
+    declared = declared_us / 1_000_000
+    if decoded_seconds < 0.9 * declared and declared - decoded_seconds > 1.0:
+        warnings.warn(AudioTruncatedWarning(
+            f"{path}: decoded only {decoded_seconds:.1f} s of the {declared:.1f} s the file declares; "
+            "it is probably truncated (transcribing what could be decoded)"), stacklevel=3)
 
 
 class _PyAVCannotOpen(Exception):

@@ -11,11 +11,12 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import WhisperMLXError
+from .errors import WhisperMLXError, WhisperMLXWarning
 from .writers import OUTPUT_FORMATS, SUBTITLE_OPTIONS, ensure_not_overwriting, get_writer, output_paths
 
 PROG = "whisper_mlx"
@@ -298,6 +299,17 @@ def _message_without_path(exc: BaseException, path: str) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
+def transcribe_reporting_warnings(audio_file: str, label: str, model, options: dict) -> dict:
+    """transcribe(), with each warning it issues (e.g. a truncated file) printed as one CLI line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WhisperMLXWarning)
+        try:
+            return transcribe(audio_file, model=model, **options)
+        finally:
+            for warning in caught:
+                report_warning(f"{label}: {_message_without_path(warning.message, audio_file)}")
+
+
 def transcribe_one(audio: str, name: str, model, args: argparse.Namespace, options: dict, protected: list) -> None:
     """Transcribe one input and write its output set; raises on failure."""
     targets = output_paths(args.output_format, args.output_dir, name)
@@ -308,7 +320,7 @@ def transcribe_one(audio: str, name: str, model, args: argparse.Namespace, optio
     else:
         audio_file = audio
     try:
-        result = transcribe(audio_file, model=model, **options)
+        result = transcribe_reporting_warnings(audio_file, "<stdin>" if audio == STDIN else audio, model, options)
     finally:
         if audio == STDIN:
             os.unlink(audio_file)

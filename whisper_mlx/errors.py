@@ -19,3 +19,11 @@ class ModelFormatError(WhisperMLXError, ValueError):
 
 class DecodingError(WhisperMLXError, ValueError):
     """Invalid decoding or transcription options."""
+
+
+class WhisperMLXWarning(UserWarning):
+    """Base class for the warnings whisper_mlx issues."""
+
+
+class AudioTruncatedWarning(WhisperMLXWarning):
+    """The audio file decoded to much less than the duration it declares (likely truncated)."""

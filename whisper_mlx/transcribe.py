@@ -448,12 +448,15 @@ def build_options(temperature, batch_size, verbose, clip_timestamps, **kwargs) -
     return options
 
 
-def build_decoding_options(model: Whisper, decode_options: dict) -> DecodingOptions:
+def build_decoding_options(model: Whisper, decode_options: dict, temperatures: tuple[float, ...]) -> DecodingOptions:
     unknown = sorted(set(decode_options) - _DECODING_FIELDS)
     if unknown:
         raise TypeError(f"transcribe() got unexpected keyword arguments: {', '.join(unknown)}")
     decode_options = dict(decode_options)
-    decode_options.pop("temperature", None)
+    # each rung of the ladder gets its own temperature; best_of only applies to the sampling rungs
+    decode_options["temperature"] = max(temperatures)
+    if max(temperatures) == 0:
+        decode_options.pop("best_of", None)
     language = decode_options.get("language")
     if language is not None:
         language = language.lower()
@@ -507,7 +510,7 @@ def transcribe(
         word_timestamps=word_timestamps, prepend_punctuations=prepend_punctuations,
         append_punctuations=append_punctuations, hallucination_silence_threshold=hallucination_silence_threshold,
     )
-    decoding = build_decoding_options(model, decode_options)
+    decoding = build_decoding_options(model, decode_options, options.temperatures)
     mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
     ctx = Context(model, mel, mel.shape[0] - N_FRAMES, options, decoding, TaskCache(model, decoding),
                   language=decoding.language)
