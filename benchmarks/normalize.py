@@ -5,7 +5,10 @@ reference and the hypothesis go through :func:`normalize` before scoring. Rules,
 
 1. Unicode NFKC; curly quotes/apostrophes become ASCII; diacritics are stripped (``café`` -> ``cafe``).
 2. Lowercase.
-3. Bracketed and parenthesised asides are removed: ``[MUSIC]``, ``<laughs>``, ``(inaudible)``.
+3. Bracketed asides are removed: ``[MUSIC]``, ``<laughs>``. Unlike openai's normaliser, text in
+   parentheses is kept (only the parentheses go): in book references such as alice_ch1.txt it is
+   spoken text, "(as well as she could, ...)", and dropping it would count every system's correct
+   words as insertions.
 4. Titles are spelled out: ``mr`` -> ``mister``, ``mrs`` -> ``missus``, ``dr`` -> ``doctor``,
    ``st`` -> ``saint``, ``jr`` -> ``junior``, ``sr`` -> ``senior`` (with or without the dot).
 5. Numbers written with digits are spelled out: ``1,000`` -> ``one thousand``,
@@ -104,7 +107,7 @@ def normalize(text: str) -> str:
     for fancy, plain in _QUOTES.items():
         text = text.replace(fancy, plain)
     text = _strip_diacritics(text).lower()
-    text = re.sub(r"\[[^\]]*\]|<[^>]*>|\([^)]*\)", " ", text)
+    text = re.sub(r"\[[^\]]*\]|<[^>]*>", " ", text)
     text = re.sub(r"\b(mrs|mr|dr|st|jr|sr)\b\.?", lambda m: _TITLES[m.group(1)], text)
     text = _NUMBER.sub(_spell_number, text)
     text = re.sub(r"[^a-z0-9' ]+", " ", text)

@@ -224,6 +224,7 @@ def normalize_log_mel_inplace(log_spec: np.ndarray) -> np.ndarray:
 
 _EDGE = N_FFT // 2  # reflect padding on each side (torch.stft(center=True))
 _STREAM_PIECE_SECONDS = 30.0
+_MAX_PREALLOCATED_US = 12 * 3600 * 1_000_000  # a header claiming more is not trusted (the buffer grows)
 
 
 class _FrameStore:
@@ -311,7 +312,9 @@ def _expected_samples(path: str, sr: int) -> int:
             duration = container.duration  # in av.time_base units (microseconds)
     except Exception:  # noqa: BLE001 - an estimate only; decoding reports real errors
         return 0
-    return int(duration * sr / 1_000_000) + sr if duration else 0
+    if not duration or duration < 0:
+        return 0
+    return int(min(duration, _MAX_PREALLOCATED_US) * sr / 1_000_000) + sr
 
 
 def _waveform_pieces(waveform: np.ndarray, piece: int) -> Iterator[np.ndarray]:

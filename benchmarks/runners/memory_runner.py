@@ -4,11 +4,10 @@ Prints one ``@@BENCH_RESULT@@ {json}`` line: peak RSS after loading the model an
 transcription (``ru_maxrss``), the wall time and the transcript's size.
 """
 
+import argparse
 import time
 
 from common import emit, peak_rss_bytes, versions
-
-import argparse
 
 parser = argparse.ArgumentParser(description="Peak RSS of whisper_mlx.transcribe on one file.")
 parser.add_argument("--model", required=True, help="model directory")
