@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import tqdm
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_array, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .errors import DecodingError
 from .segments import clear_empty_segments, split_window
@@ -169,7 +169,7 @@ class Context:
     """Per-call constants: the model, the mel, the tokenizer and the options."""
 
     model: Whisper
-    mel: mx.array  # (n_frames + N_FRAMES padding, n_mels)
+    mel: np.ndarray  # (n_frames + N_FRAMES padding, n_mels), numpy: one copy, sliced per window
     content_frames: int
     options: TranscribeOptions
     decode_options: DecodingOptions
@@ -182,7 +182,7 @@ class Context:
         return self.tasks.get(self.options.temperatures[0]).tokenizer
 
     def window_mel(self, start: int, size: int) -> mx.array:
-        return pad_or_trim(self.mel[start : start + size], N_FRAMES, axis=0)
+        return mx.array(pad_or_trim(self.mel[start : start + size], N_FRAMES, axis=0))
 
     def encode(self, starts_sizes: list[tuple[int, int]]) -> mx.array:
         """Encoder outputs (B, n_audio_ctx, n_state) of windows, reusing the detection window."""
@@ -195,10 +195,20 @@ class Context:
 
 
 def encode_windows(model: Whisper, mels: mx.array) -> mx.array:
-    """The encoder over a batch of windows, evaluated now."""
-    features = model.embed_audio(mels)
-    mx.eval(features)
-    return features
+    """The encoder over a batch of windows, evaluated now.
+
+    On the CPU one window at a time: batching gains nothing there (the work is per window) and the
+    (B, heads, 1500, 1500) attention scores of a large batch cost hundreds of MB.
+    """
+    if mx.default_device() == mx.gpu or mels.shape[0] == 1:
+        features = model.embed_audio(mels)
+        mx.eval(features)
+        return features
+    parts = []
+    for i in range(mels.shape[0]):
+        parts.append(model.embed_audio(mels[i : i + 1]))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts)
 
 
 def detect_file_language(ctx: Context, start: int) -> str:
@@ -405,7 +415,7 @@ def batched_lanes(ctx: Context, initial_prompt_tokens: list[int]) -> list[Lane]:
     from .vad import plan_lanes
 
     clips = seek_clips(ctx.options.clip_timestamps, ctx.content_frames)
-    mel = np.array(ctx.mel[: ctx.content_frames])
+    mel = ctx.mel[: ctx.content_frames]
     return [
         Lane(lane_clips, Transcript(initial_prompt_tokens, list(initial_prompt_tokens)))
         for lane_clips in plan_lanes(mel, clips, ctx.options.batch_size)
@@ -511,7 +521,7 @@ def transcribe(
         append_punctuations=append_punctuations, hallucination_silence_threshold=hallucination_silence_threshold,
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
-    mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
+    mel = log_mel_array(audio, model.dims.n_mels, padding=N_SAMPLES)
     ctx = Context(model, mel, mel.shape[0] - N_FRAMES, options, decoding, TaskCache(model, decoding),
                   language=decoding.language)
     if word_timestamps and decoding.task == "translate":
