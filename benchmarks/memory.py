@@ -9,14 +9,13 @@ means the 2-hour peak stays within TARGET_RATIO of the 10-minute peak.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from .corpus import CACHE_DIR, SAMPLE_RATE, load_corpus
-from .systems import BY_KEY, RESULT_MARKER, RUNNER_DIR, runner_env
+from .systems import BY_KEY, RUNNER_DIR, run_measurement
 
 LONG_FILES = (("long_10min", 600), ("long_2h", 7200))
 SOURCE = "alice_ch1"
@@ -65,18 +64,7 @@ def measure_file(audio: Path, model: Path, timeout: float, batch_size: int = BAT
     """Run the memory runner on one file; its result dict, or {"error": ...}."""
     command = [sys.executable, str(RUNNER_DIR / "memory_runner.py"), "--model", str(model), "--audio", str(audio),
                "--batch-size", str(batch_size)]  # fmt: skip
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=runner_env(BY_KEY["whisper_mlx"]), check=False)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            import json
-
-            return json.loads(line[len(RESULT_MARKER) :])
-    tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
-    return {"error": f"exit {done.returncode}: " + "\n".join(tail)}
+    return run_measurement(BY_KEY["whisper_mlx"], command, timeout)
 
 
 def memory_row(name: str, seconds: int, audio: Path, raw: dict) -> dict:
