@@ -127,3 +127,28 @@ def test_options_validation():
     with pytest.raises(NotImplementedError):
         DecodingOptions(beam_size=5)
     assert compression_ratio("ab" * 200) > 2.4 > compression_ratio("The quick brown fox jumps over it.")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_greedy_equals_masked_argmax(seed):
+    tokenizer = get_tokenizer(True, language="en", task="transcribe")
+    n_vocab = 51865
+    ts_begin = tokenizer.timestamp_begin
+    suppressor = SuppressTokens(n_vocab, list(tokenizer.non_speech_tokens) + [tokenizer.sot],
+                                [*tokenizer.encode(" "), tokenizer.eot])
+    rules = ApplyTimestampRules(tokenizer, n_vocab, max_initial_timestamp_index=50)
+    rng = np.random.default_rng(100 + seed)
+    for trial in range(25):
+        n = int(rng.integers(0, 6))
+        _, history = random_history(rng, 6, n, ts_begin)
+        logits = rng.normal(size=(6, n_vocab)) * 3
+        logits[:, ts_begin:] += rng.normal() * 6
+        logits[:, tokenizer.eot] += rng.normal() * 4
+        suppressed = suppressor.apply(mx.array(logits.astype(np.float32)), n)
+        masked = rules.apply(suppressed, history, n)
+        want_tokens = mx.argmax(masked, axis=-1)
+        want_logprob = mx.take_along_axis(masked - mx.logsumexp(masked, axis=-1, keepdims=True),
+                                          want_tokens[:, None], axis=-1)[:, 0]
+        tokens, logprob = rules.greedy(suppressed, history, n)
+        np.testing.assert_array_equal(np.array(tokens), np.array(want_tokens))
+        np.testing.assert_allclose(np.array(logprob), np.array(want_logprob), rtol=1e-5, atol=1e-4)

@@ -113,6 +113,7 @@ class ApplyTimestampRules:
             first = mx.where(vocab > self.ts_begin + max_initial_timestamp_index, NEG_INF, first)
         self.first_mask = first
         self.vocab = vocab
+        self.special_bias = mx.where(vocab[self.eot + 1 : self.ts_begin] == self.no_timestamps, NEG_INF, 0.0)
 
     def apply(self, logits: mx.array, history: "TimestampHistory", n_sampled: int) -> mx.array:
         if n_sampled == 0:
@@ -133,6 +134,56 @@ class ApplyTimestampRules:
         mask = mask | (below & (history.last_timestamp >= 0)[:, None])
         return mask | (self.vocab == self.no_timestamps)
 
+    def greedy(self, logits: mx.array, history: "TimestampHistory", n_sampled: int) -> tuple[mx.array, mx.array]:
+        """Greedy token and its log probability under the rules, without building the masked logits.
+
+        Same result as argmax/log_softmax of apply(), but the 50k-wide text part is only reduced
+        (max, argmax, logsumexp) and the per-row rules act on those statistics: MLX's CPU elementwise
+        kernels are scalar, so each full-vocabulary pass costs milliseconds per step.
+        """
+        eot, ts_begin = self.eot, self.ts_begin
+        text, special, stamps = logits[:, :eot], logits[:, eot + 1 : ts_begin], logits[:, ts_begin:]
+        special = special + self.special_bias  # <|notimestamps|> is never sampled
+        stamps = stamps + self._timestamp_bias(history, n_sampled)
+        text_ok, eot_ok = self._text_allowed(history, n_sampled)
+        regions = [_Region.of(text, 0), _Region.of(logits[:, eot : eot + 1], eot),
+                   _Region.of(special, eot + 1), _Region.of(stamps, ts_begin)]
+        allowed = [text_ok, eot_ok, eot_ok]
+        best_text = mx.max(mx.stack([mx.where(ok, r.max, NEG_INF) for ok, r in zip(allowed, regions)]), axis=0)
+        force = regions[3].lse > best_text  # timestamp mass beats every text token
+        allowed = [ok & ~force for ok in allowed]
+        empty = ~(allowed[0] | allowed[1] | allowed[2]) & (regions[3].max == NEG_INF)
+        allowed[1] = allowed[1] | empty
+        regions[1] = _Region.constant(mx.where(empty, 0.0, regions[1].max), eot)
+        maxima = mx.stack([mx.where(ok, r.max, NEG_INF) for ok, r in zip(allowed, regions)] + [regions[3].max], -1)
+        lses = mx.stack([mx.where(ok, r.lse, NEG_INF) for ok, r in zip(allowed, regions)] + [regions[3].lse], -1)
+        choice = mx.argmax(maxima, axis=-1)
+        tokens = mx.take_along_axis(mx.stack([r.token for r in regions], -1), choice[:, None], -1)[:, 0]
+        logprob = mx.max(maxima, axis=-1) - mx.logsumexp(lses, axis=-1)
+        return tokens.astype(mx.int32), logprob
+
+    def _timestamp_bias(self, history: "TimestampHistory", n_sampled: int) -> mx.array:
+        """Additive (B, n_timestamps) mask of the timestamp tokens the rules forbid."""
+        if n_sampled == 0:
+            return self.first_mask[self.ts_begin :][None, :]
+        ts_vocab = self.vocab[self.ts_begin :][None, :]
+        last_ts = history.last >= self.ts_begin
+        penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else mx.ones_like(last_ts)
+        lowest = mx.where(last_ts & ~penultimate_ts, history.last_timestamp, history.last_timestamp + 1)
+        below = (ts_vocab < lowest[:, None]) & (history.last_timestamp >= 0)[:, None]
+        banned = below | (last_ts & penultimate_ts)[:, None]
+        return mx.where(banned, NEG_INF, 0.0)
+
+    def _text_allowed(self, history: "TimestampHistory", n_sampled: int) -> tuple[mx.array, mx.array]:
+        """Per row: may text proper be sampled, and may EOT (and the other specials)?"""
+        batch = history.last.shape[0]
+        if n_sampled == 0:
+            no = mx.zeros((batch,), mx.bool_)
+            return no, no
+        last_ts = history.last >= self.ts_begin
+        penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else mx.ones_like(last_ts)
+        return ~(last_ts & ~penultimate_ts), mx.ones((batch,), mx.bool_)
+
     def _prefer_timestamps(self, logits: mx.array) -> mx.array:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         timestamp_mass = mx.logsumexp(logprobs[:, self.ts_begin :], axis=-1)
@@ -142,6 +193,26 @@ class ApplyTimestampRules:
         # defensive: a row must keep at least one candidate (EOT)
         empty = mx.max(logits, axis=-1, keepdims=True) == NEG_INF
         return mx.where(empty & (self.vocab == self.eot), 0.0, logits)
+
+
+@dataclass
+class _Region:
+    """Reductions of one slice of the vocabulary: max, its token id, and logsumexp."""
+
+    max: mx.array
+    token: mx.array
+    lse: mx.array
+
+    @classmethod
+    def of(cls, logits: mx.array, first_token: int) -> "_Region":
+        top = mx.max(logits, axis=-1)
+        safe_top = mx.where(top == NEG_INF, 0.0, top)  # an all-masked slice stays at -inf, not NaN
+        lse = safe_top + mx.log(mx.sum(mx.exp(logits - safe_top[:, None]), axis=-1))
+        return cls(top, mx.argmax(logits, axis=-1) + first_token, lse)
+
+    @classmethod
+    def constant(cls, value: mx.array, token: int) -> "_Region":
+        return cls(value, mx.full(value.shape, token, mx.int32), value)
 
 
 @dataclass
@@ -326,10 +397,15 @@ class DecodingTask:
 
     def _sample_step(self, logits: mx.array, rows: _Rows, temperature: float) -> mx.array:
         """Filter, select and record one token per row; returns the tokens to feed next."""
-        logits = self._filter_logits(logits, rows.history, len(rows.sampled))
-        tokens = select_tokens(logits, temperature)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        n_sampled = len(rows.sampled)
+        if temperature == 0 and self.timestamp_rules is not None:
+            logits = self.suppressor.apply(logits, n_sampled)
+            tokens, chosen = self.timestamp_rules.greedy(logits, rows.history, n_sampled)
+        else:
+            logits = self._filter_logits(logits, rows.history, n_sampled)
+            tokens = select_tokens(logits, temperature)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         eot = self.tokenizer.eot
         rows.sum_logprobs = rows.sum_logprobs + mx.where(rows.finished, 0.0, chosen)
         tokens = mx.where(rows.finished, eot, tokens)  # a finished row keeps emitting EOT

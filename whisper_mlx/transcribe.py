@@ -422,8 +422,21 @@ def batched_lanes(ctx: Context, initial_prompt_tokens: list[int]) -> list[Lane]:
     ]
 
 
+def clamp_segment(segment: dict, end: float) -> dict:
+    """The model may place a timestamp past the end of its audio (into the window's padding); keep the
+    segment, and its words, inside the lane so that lanes never overlap."""
+    segment = {**segment, "start": min(segment["start"], end), "end": min(segment["end"], end)}
+    if segment.get("words"):
+        segment["words"] = [{**w, "start": min(w["start"], end), "end": min(w["end"], end)} for w in segment["words"]]
+    return segment
+
+
 def merge_lanes(lanes: list[Lane]) -> list[dict]:
-    segments = [s for lane in lanes for s in lane.transcript.segments]
+    """All lanes' segments in time order, numbered, each inside its lane's audio."""
+    segments = []
+    for lane in lanes:
+        lane_end = lane.clips[-1][1] / FRAMES_PER_SECOND
+        segments += [clamp_segment(s, lane_end) for s in lane.transcript.segments]
     return [{**s, "id": i} for i, s in enumerate(segments)]
 
 
