@@ -172,8 +172,7 @@ class Context:
     mel: np.ndarray  # (n_frames + N_FRAMES padding, n_mels), numpy: one copy, sliced per window
     content_frames: int
     options: TranscribeOptions
-    decode_options: DecodingOptions
-    tasks: TaskCache
+    tasks: TaskCache  # the decoding options, one prepared task per temperature
     language: str | None = None
     first_window: tuple[int, mx.array] | None = None  # (seek, encoder output) kept from detection
 
@@ -535,7 +534,7 @@ def transcribe(
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
     mel = log_mel_array(audio, model.dims.n_mels, padding=N_SAMPLES)
-    ctx = Context(model, mel, mel.shape[0] - N_FRAMES, options, decoding, TaskCache(model, decoding),
+    ctx = Context(model, mel, mel.shape[0] - N_FRAMES, options, TaskCache(model, decoding),
                   language=decoding.language)
     if word_timestamps and decoding.task == "translate":
         import warnings
