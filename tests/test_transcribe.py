@@ -175,3 +175,15 @@ def test_alice_sequential_wer(alice_wer):
 def test_alice_batched_quality_gate(alice_wer):
     # batched lanes may not cost more than 0.3 WER points against openai's sequential loop
     assert alice_wer(12) <= alice_wer(1) + 0.003
+
+
+def test_hallucination_silence_threshold_on_word_timestamps(tiny_en, data_dir):
+    audio = whisper_mlx.load_audio(str(data_dir / "jfk.flac"))
+    padded = np.concatenate([np.zeros(16000 * 8, np.float32), audio, np.zeros(16000 * 8, np.float32)])
+    result = transcribe(padded, model=tiny_en, word_timestamps=True, hallucination_silence_threshold=2.0)
+    assert "Americans" in result["text"] and "country" in result["text"]
+    check_invariants(result, len(padded) / 16000)
+    for segment in result["segments"]:
+        assert "".join(w["word"] for w in segment["words"]) == segment["text"]
+    with pytest.raises(whisper_mlx.errors.DecodingError):
+        transcribe(audio, model=tiny_en, hallucination_silence_threshold=2.0)  # needs word_timestamps
