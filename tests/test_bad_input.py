@@ -28,9 +28,8 @@ from whisper_mlx.errors import (
     AudioTruncatedWarning,
     ModelFormatError,
     ModelNotFoundError,
-    WhisperMLXError,
 )
-from whisper_mlx.load_models import default_model_path, load_model
+from whisper_mlx.load_models import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -41,15 +40,7 @@ BASE_DIMS = {"n_audio_state": 512, "n_text_state": 512, "n_audio_head": 8, "n_te
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    try:
-        return Path(default_model_path())
-    except WhisperMLXError as exc:
-        pytest.skip(f"the packaged tiny.en model is not installed: {exc}")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir, tiny_en):
+def model(tiny_en_dir, tiny_en):
     return tiny_en
 
 
@@ -104,8 +95,8 @@ def test_bad_file_python_api(name, problem, bad_files, model):
 
 
 @pytest.mark.parametrize(("name", "problem"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
-def test_bad_file_cli(name, problem, bad_files, model_dir, tmp_path):
-    done = run_cli(str(bad_files[name]), "--model", str(model_dir), "-o", str(tmp_path / "out"))
+def test_bad_file_cli(name, problem, bad_files, tiny_en_dir, tmp_path):
+    done = run_cli(str(bad_files[name]), "--model", str(tiny_en_dir), "-o", str(tmp_path / "out"))
     assert done.returncode == 1, done.stderr
     assert f"whisper_mlx: error: {bad_files[name]}: " in done.stderr
     assert problem in done.stderr and "Traceback" not in done.stderr
@@ -120,8 +111,8 @@ def test_half_mp3_transcribes_the_decodable_part_with_a_warning(bad_files, model
     assert result["segments"] and result["segments"][-1]["end"] <= 6.0
 
 
-def test_half_mp3_cli_warns_and_succeeds(bad_files, model_dir, tmp_path):
-    done = run_cli(str(bad_files["half.mp3"]), "--model", str(model_dir), "-o", str(tmp_path), "-f", "json")
+def test_half_mp3_cli_warns_and_succeeds(bad_files, tiny_en_dir, tmp_path):
+    done = run_cli(str(bad_files["half.mp3"]), "--model", str(tiny_en_dir), "-o", str(tmp_path), "-f", "json")
     assert done.returncode == 0, done.stderr
     assert f"whisper_mlx: warning: {bad_files['half.mp3']}: decoded only" in done.stderr
     assert "fellow americans" in json.loads((tmp_path / "half.json").read_text())["text"].lower()
@@ -172,11 +163,11 @@ def test_bad_mlx_array(model):
 # ---- models ----
 
 @pytest.fixture(scope="module")
-def bad_models(tmp_path_factory, model_dir) -> dict:
+def bad_models(tmp_path_factory, tiny_en_dir) -> dict:
     """A directory without weights, and tiny.en weights under configs of other sizes."""
     root = tmp_path_factory.mktemp("bad_models")
     converted = root / "tiny_en_mlx"
-    done = subprocess.run([sys.executable, "-m", "whisper_mlx.convert", str(model_dir), str(converted)],
+    done = subprocess.run([sys.executable, "-m", "whisper_mlx.convert", str(tiny_en_dir), str(converted)],
                           capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO)
     assert done.returncode == 0, done.stderr
     config = json.loads((converted / "config.json").read_text())

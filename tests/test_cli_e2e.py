@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from whisper_mlx.errors import WhisperMLXError
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -17,16 +16,6 @@ JFK_SECONDS = 11.0
 TIMEOUT = 300
 TIME = re.compile(r"(?:(\d+):)?(\d{2}):(\d{2})[.,](\d{3})")
 CUE = re.compile(rf"^({TIME.pattern}) --> ({TIME.pattern})$", re.MULTILINE)
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    from whisper_mlx.load_models import default_model_path
-
-    try:
-        return str(default_model_path())
-    except WhisperMLXError as exc:
-        pytest.skip(f"the packaged tiny.en model is not installed: {exc}")
 
 
 def run_cli(*args: str, command=(sys.executable, "-m", "whisper_mlx")) -> subprocess.CompletedProcess:
@@ -57,9 +46,9 @@ def srt_blocks(srt: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def jfk_all(model_dir, tmp_path_factory) -> Path:
+def jfk_all(tiny_en_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("all") / "out"
-    done = run_cli(str(DATA / "jfk.flac"), "--model", model_dir, "-f", "all", "-o", str(out))
+    done = run_cli(str(DATA / "jfk.flac"), "--model", tiny_en_dir, "-f", "all", "-o", str(out))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -107,8 +96,8 @@ def test_json_matches_txt(jfk_all):
     assert "".join(s["text"] for s in result["segments"]) == result["text"]
 
 
-def test_two_inputs_write_two_sets(model_dir, tmp_path):
-    done = run_cli(str(DATA / "jfk.flac"), str(DATA / "ls_test.flac"), "--model", model_dir, "-f", "all",
+def test_two_inputs_write_two_sets(tiny_en_dir, tmp_path):
+    done = run_cli(str(DATA / "jfk.flac"), str(DATA / "ls_test.flac"), "--model", tiny_en_dir, "-f", "all",
                    "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
     expected = sorted(f"{stem}.{ext}" for stem in ("jfk", "ls_test") for ext in ("json", "srt", "tsv", "txt", "vtt"))
@@ -118,8 +107,8 @@ def test_two_inputs_write_two_sets(model_dir, tmp_path):
     assert_valid_timeline(cue_times((tmp_path / "ls_test.srt").read_text()), duration=6.7)
 
 
-def test_highlighted_words(model_dir, tmp_path):
-    done = run_cli(str(DATA / "jfk.flac"), "--model", model_dir, "--word-timestamps", "True",
+def test_highlighted_words(tiny_en_dir, tmp_path):
+    done = run_cli(str(DATA / "jfk.flac"), "--model", tiny_en_dir, "--word-timestamps", "True",
                    "--highlight-words", "True", "-f", "srt", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
     srt = (tmp_path / "jfk.srt").read_text()
@@ -130,11 +119,11 @@ def test_highlighted_words(model_dir, tmp_path):
     assert_valid_timeline(cue_times(srt))
 
 
-def test_a_failing_input_among_good_ones(model_dir, tmp_path):
+def test_a_failing_input_among_good_ones(tiny_en_dir, tmp_path):
     bad = tmp_path / "notes.wav"
     bad.write_text("not audio\n" * 50)
     out = tmp_path / "out"
-    done = run_cli(str(DATA / "jfk.flac"), str(bad), str(DATA / "ls_test.flac"), "--model", model_dir,
+    done = run_cli(str(DATA / "jfk.flac"), str(bad), str(DATA / "ls_test.flac"), "--model", tiny_en_dir,
                    "-o", str(out))
     assert done.returncode == 1
     assert f"whisper_mlx: error: {bad}: not a readable audio file" in done.stderr
@@ -143,13 +132,13 @@ def test_a_failing_input_among_good_ones(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["whisper_mlx", "whisper-mlx"])
-def test_console_scripts(script, model_dir, tmp_path):
+def test_console_scripts(script, tiny_en_dir, tmp_path):
     path = shutil.which(script)
     if path is None:
         pytest.skip(f"console script {script!r} is not on PATH: the package is not pip-installed here "
                     "(pip install -e . creates it from pyproject's [project.scripts])")
     done = run_cli("--help", command=(path,))
     assert done.returncode == 0 and done.stdout.startswith("usage: whisper_mlx")
-    done = run_cli(str(DATA / "ls_test.flac"), "--model", model_dir, "-o", str(tmp_path), command=(path,))
+    done = run_cli(str(DATA / "ls_test.flac"), "--model", tiny_en_dir, "-o", str(tmp_path), command=(path,))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ls_test.txt").read_text().strip()

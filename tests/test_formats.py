@@ -27,20 +27,11 @@ from whisper_mlx.formats.openai_pt import (
 )
 from whisper_mlx.formats.safetensors import read_safetensors, write_safetensors
 from whisper_mlx.formats.torch_pickle import torch_pickle, write_torch_zip
-from whisper_mlx.load_models import packaged_model_path
 
 
 @pytest.fixture(scope="module")
-def tiny_ct2_dir() -> Path:
-    try:
-        return packaged_model_path("tiny.en")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_ct2_dir):
-    return read_ct2_checkpoint(tiny_ct2_dir)
+def tiny(tiny_en_dir):
+    return read_ct2_checkpoint(tiny_en_dir)
 
 
 def assert_same_checkpoint(a, b):
@@ -221,9 +212,9 @@ def _truncate(path: Path, fraction: float = 0.6) -> None:
     path.write_bytes(data[: int(len(data) * fraction)])
 
 
-def test_truncated_files_raise_model_format_error(tiny, tiny_ct2_dir, tmp_path):
+def test_truncated_files_raise_model_format_error(tiny, tiny_en_dir, tmp_path):
     ct2 = tmp_path / "ct2"
-    shutil.copytree(tiny_ct2_dir, ct2)
+    shutil.copytree(tiny_en_dir, ct2)
     _truncate(ct2 / "model.bin")
     with pytest.raises(ModelFormatError, match="truncated"):
         read_ct2_checkpoint(ct2)

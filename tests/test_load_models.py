@@ -21,18 +21,10 @@ from whisper_mlx import hub, load_models
 from whisper_mlx.audio import N_SAMPLES, log_mel_spectrogram
 from whisper_mlx.convert import convert, main as convert_main
 from whisper_mlx.errors import ModelFormatError, ModelNotFoundError
-from whisper_mlx.load_models import get_cached_model, load_model, packaged_model_path
+from whisper_mlx.load_models import get_cached_model, load_model
 
 DATA = Path(__file__).parent / "data"
 TOKENS = [50257, 50362, 843, 5891, 3399, 1222, 766]  # <|startoftranscript|><|notimestamps|> + some text
-
-
-@pytest.fixture(scope="module")
-def ct2_dir() -> Path:
-    try:
-        return packaged_model_path("tiny.en")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +42,9 @@ def decoder_logits(model, features) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(ct2_dir, mel):
+def reference(tiny_en_dir, mel):
     """The CTranslate2 model in float32, its audio features for the jfk window, and its logits."""
-    model = load_model(ct2_dir, dtype=mx.float32)
+    model = load_model(tiny_en_dir, dtype=mx.float32)
     features = model.embed_audio(mel)
     mx.eval(features)
     return model, features, decoder_logits(model, features)
@@ -69,15 +61,15 @@ def assert_same_parameters(model, other):
 
 
 @pytest.fixture(scope="module")
-def converted(ct2_dir, tmp_path_factory) -> dict[str, Path]:
+def converted(tiny_en_dir, tmp_path_factory) -> dict[str, Path]:
     """tiny.en converted from CTranslate2 to every other format."""
     root = tmp_path_factory.mktemp("converted")
     out = {
-        "mlx": convert(ct2_dir, root / "mlx", dtype="float32"),
-        "mlx-q8": convert(ct2_dir, root / "mlx-q8", quantize=True, q_bits=8),
-        "mlx-q4": convert(ct2_dir, root / "mlx-q4", quantize=True, q_bits=4),
-        "openai": convert(ct2_dir, root / "openai", to="openai"),
-        "hf": convert(ct2_dir, root / "hf", to="hf"),
+        "mlx": convert(tiny_en_dir, root / "mlx", dtype="float32"),
+        "mlx-q8": convert(tiny_en_dir, root / "mlx-q8", quantize=True, q_bits=8),
+        "mlx-q4": convert(tiny_en_dir, root / "mlx-q4", quantize=True, q_bits=4),
+        "openai": convert(tiny_en_dir, root / "openai", to="openai"),
+        "hf": convert(tiny_en_dir, root / "hf", to="hf"),
     }
     out["mlx-npz"] = root / "mlx-npz"
     out["mlx-npz"].mkdir()
@@ -179,8 +171,8 @@ def _truncated_copy(src: Path, dst: Path, name: str) -> Path:
 @pytest.mark.parametrize("fmt, name", [("ct2", "model.bin"), ("mlx-npz", "weights.npz"),
                                        ("mlx-safetensors", "weights.safetensors"), ("openai", "model.pt"),
                                        ("hf", "model.safetensors")])
-def test_truncated_weights(converted, ct2_dir, tmp_path, fmt, name):
-    src = ct2_dir if fmt == "ct2" else converted[fmt]
+def test_truncated_weights(converted, tiny_en_dir, tmp_path, fmt, name):
+    src = tiny_en_dir if fmt == "ct2" else converted[fmt]
     with pytest.raises(ModelFormatError, match="truncated"):
         load_model(_truncated_copy(src, tmp_path / fmt, name))
 
@@ -321,9 +313,9 @@ def test_get_cached_model_loads_once_across_threads(converted, monkeypatch):
 
 # ---- converter --------------------------------------------------------------------------------------
 
-def test_convert_refuses_source_and_existing_weights(converted, ct2_dir, tmp_path, capsys):
+def test_convert_refuses_source_and_existing_weights(converted, tiny_en_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="source model directory"):
-        convert(ct2_dir, ct2_dir)
+        convert(tiny_en_dir, tiny_en_dir)
     out = tmp_path / "out"
     assert convert_main([str(converted["openai"] / "model.pt"), str(out), "--dtype", "float16"]) == 0
     assert json.loads((out / "config.json").read_text())["n_vocab"] == 51864
