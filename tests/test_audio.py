@@ -171,3 +171,20 @@ def write_mp3(waveform: np.ndarray, path: Path) -> None:
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+
+
+@pytest.mark.parametrize("name", ["jfk", "alice_ch1"])
+def test_mel_frames_on_disk_equal_the_array(name):
+    """transcribe reads windows from MelFrames (a file's frames in a temporary file): same values."""
+    from whisper_mlx.audio import log_mel_frames
+
+    path = DATA / f"{name}.flac"
+    whole = log_mel_array(path, 80, N_SAMPLES)
+    frames = log_mel_frames(path, 80, N_SAMPLES)
+    assert not isinstance(frames.raw, np.ndarray), "a path's frames should not be held in memory"
+    assert frames.n_frames == whole.shape[0]
+    np.testing.assert_array_equal(frames.read(0, frames.n_frames), whole)
+    np.testing.assert_array_equal(frames.read(1234, 4234), whole[1234:4234])
+    np.testing.assert_allclose(frames.frame_means(), whole.mean(axis=-1), rtol=1e-6, atol=1e-6)
+    in_memory = log_mel_frames(load_audio(path), 80, N_SAMPLES)
+    np.testing.assert_array_equal(in_memory.read(0, in_memory.n_frames), whole)

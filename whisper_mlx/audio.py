@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -211,10 +212,10 @@ def normalize_log_mel(log_spec: np.ndarray, global_max: float | None = None) -> 
     return (np.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
 
-def normalize_log_mel_inplace(log_spec: np.ndarray) -> np.ndarray:
+def normalize_log_mel_inplace(log_spec: np.ndarray, peak: float | None = None) -> np.ndarray:
     """normalize_log_mel without a second full-size array (log_spec is overwritten and returned)."""
     if log_spec.size:
-        np.maximum(log_spec, log_spec.max() - 8.0, out=log_spec)
+        np.maximum(log_spec, (log_spec.max() if peak is None else np.float32(peak)) - 8.0, out=log_spec)
         log_spec += 4.0
         log_spec /= 4.0
     return log_spec
@@ -244,6 +245,59 @@ class _FrameStore:
         self.size = needed
 
 
+class _FileFrameStore:
+    """Frames appended to an anonymous temporary file, so a long input's mel is not held in memory."""
+
+    def __init__(self, n_mels: int, capacity: int = 0):
+        self.file = tempfile.TemporaryFile(prefix="whisper_mlx-mel-")
+        self.n_mels = n_mels
+        self.size = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, np.float32).tobytes())
+        self.size += rows.shape[0]
+
+
+class MelFrames:
+    """The normalised log-mel of one input, read window by window.
+
+    Holds the log10 mel power (in memory, or in a temporary file for long inputs) and its peak; the
+    clamp to 8 below the peak and the scaling are applied on read, so `read` returns exactly what
+    `log_mel_array` would hold for those frames.
+    """
+
+    def __init__(self, raw, n_frames: int, n_mels: int):
+        self.raw = raw  # np.ndarray (n_frames, n_mels), or a _FileFrameStore
+        self.n_frames = n_frames
+        self.n_mels = n_mels
+        self.peak = max((float(block.max()) for block in self._blocks(0, n_frames) if block.size), default=0.0)
+
+    def _raw(self, start: int, stop: int) -> np.ndarray:
+        start, stop = max(0, start), min(self.n_frames, stop)
+        if stop <= start:
+            return np.zeros((0, self.n_mels), np.float32)
+        if isinstance(self.raw, np.ndarray):
+            return self.raw[start:stop]
+        row = 4 * self.n_mels
+        data = os.pread(self.raw.file.fileno(), (stop - start) * row, start * row)
+        return np.frombuffer(data, np.float32).reshape(stop - start, self.n_mels)
+
+    def _blocks(self, start: int, stop: int, frames: int = 60 * FRAMES_PER_SECOND):
+        for first in range(start, stop, frames):
+            yield self._raw(first, min(stop, first + frames))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Normalised frames [start, stop) as a new (frames, n_mels) float32 array."""
+        block = np.array(self._raw(start, stop), np.float32)
+        return normalize_log_mel_inplace(block, self.peak)
+
+    def frame_means(self, stop: int | None = None) -> np.ndarray:
+        """Mean normalised log-mel of each frame up to `stop` (the VAD's energy), read in blocks."""
+        stop = self.n_frames if stop is None else stop
+        parts = [normalize_log_mel_inplace(np.array(b), self.peak).mean(axis=-1) for b in self._blocks(0, stop)]
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+
 class LogMelStream:
     """log10 mel power computed piece by piece, identical to `log_mel_power` on the whole waveform.
 
@@ -252,9 +306,9 @@ class LogMelStream:
     of frames not yet computed (under N_FFT) and the last N_FFT // 2 + 1 samples are kept.
     """
 
-    def __init__(self, n_mels: int, expected_samples: int = 0):
+    def __init__(self, n_mels: int, expected_samples: int = 0, store=None):
         self.n_mels = n_mels
-        self.frames = _FrameStore(n_mels, expected_samples // HOP_LENGTH + 1)
+        self.frames = store or _FrameStore(n_mels, expected_samples // HOP_LENGTH + 1)
         self.pending = np.zeros(0, np.float32)  # padded samples from the next frame's start on
         self.tail = np.zeros(0, np.float32)  # the last _EDGE + 1 audio samples, for the end padding
         self.n_samples = 0
@@ -285,9 +339,15 @@ class LogMelStream:
         """The (n_samples // HOP_LENGTH, n_mels) log10 mel power (openai drops the last frame)."""
         if not self.started:  # shorter than the padding: the whole-array computation is exact
             return log_mel_power(self.pending, self.n_mels) if self.pending.size else self._empty()
-        self.pending = np.concatenate([self.pending, self.tail[-2::-1]])
-        self._compute_complete_frames()
+        self.finish_frames()
         return self.frames.data[: self.n_samples // HOP_LENGTH]
+
+    def finish_frames(self) -> int:
+        """Compute the frames that need the end padding; returns the number of frames of the input."""
+        if self.started:
+            self.pending = np.concatenate([self.pending, self.tail[-2::-1]])
+            self._compute_complete_frames()
+        return self.n_samples // HOP_LENGTH
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.n_mels), np.float32)
@@ -328,22 +388,44 @@ def log_mel_array(audio: AudioInput, n_mels: int = 80, padding: int = 0) -> np.n
     A path is decoded piece by piece, so the whole waveform is never in memory: only the result
     (4 * n_mels bytes per 10 ms) is. `padding` zero samples are appended (transcribe uses N_SAMPLES).
     """
+    return normalize_log_mel_inplace(_feed_stream(audio, n_mels, padding).finish())
+
+
+def _feed_stream(audio: AudioInput, n_mels: int, padding: int, store_factory=None) -> LogMelStream:
+    """A LogMelStream fed with all of the input (decoded piece by piece) and `padding` zero samples."""
     piece = int(_STREAM_PIECE_SECONDS * SAMPLE_RATE)
     if isinstance(audio, (str, os.PathLike)):
         path = _check_audio_path(audio)
         pieces = iter_audio(path, SAMPLE_RATE, _STREAM_PIECE_SECONDS)
-        stream = LogMelStream(n_mels, _expected_samples(path, SAMPLE_RATE) + padding)
+        expected = _expected_samples(path, SAMPLE_RATE) + padding
     else:
         waveform = validate_waveform(audio)
         pieces = _waveform_pieces(waveform, piece)
-        stream = LogMelStream(n_mels, waveform.size + padding)
+        expected = waveform.size + padding
+    store = store_factory(n_mels) if store_factory else None
+    stream = LogMelStream(n_mels, expected, store)
     for samples in pieces:
         stream.feed(samples)
     if stream.n_samples == 0:
         raise AudioError(f"{audio}: contains no audio samples")
     for start in range(0, max(padding, 0), piece):
         stream.feed(np.zeros(min(piece, padding - start), np.float32))
-    return normalize_log_mel_inplace(stream.finish())
+    return stream
+
+
+def log_mel_frames(audio: AudioInput, n_mels: int = 80, padding: int = 0) -> MelFrames:
+    """The log-mel of a path or waveform as MelFrames: a path's frames go to a temporary file, so
+    neither its waveform nor its mel is ever whole in memory (bounded memory for hours of audio)."""
+    on_disk = isinstance(audio, (str, os.PathLike))
+    stream = _feed_stream(audio, n_mels, padding, _FileFrameStore if on_disk else None)
+    if not stream.started:  # shorter than the STFT padding: computed whole, in memory
+        raw = stream.finish()
+        return MelFrames(raw, raw.shape[0], n_mels)
+    n_frames = stream.finish_frames()
+    if on_disk:
+        stream.frames.file.flush()  # frames are read back with pread
+    raw = stream.frames if on_disk else stream.frames.data[:n_frames]
+    return MelFrames(raw, n_frames, n_mels)
 
 
 def to_waveform(audio: AudioInput) -> np.ndarray:

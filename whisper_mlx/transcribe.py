@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import tqdm
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_array, pad_or_trim
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, MelFrames, log_mel_frames, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .errors import DecodingError
 from .segments import clear_empty_segments, split_window
@@ -169,7 +169,7 @@ class Context:
     """Per-call constants: the model, the mel, the tokenizer and the options."""
 
     model: Whisper
-    mel: np.ndarray  # (n_frames + N_FRAMES padding, n_mels), numpy: one copy, sliced per window
+    mel: MelFrames  # n_frames + N_FRAMES of padding; a file's frames stay on disk until read
     content_frames: int
     options: TranscribeOptions
     tasks: TaskCache  # the decoding options, one prepared task per temperature
@@ -181,7 +181,7 @@ class Context:
         return self.tasks.get(self.options.temperatures[0]).tokenizer
 
     def window_mel(self, start: int, size: int) -> mx.array:
-        return mx.array(pad_or_trim(self.mel[start : start + size], N_FRAMES, axis=0))
+        return mx.array(pad_or_trim(self.mel.read(start, start + size), N_FRAMES, axis=0))
 
     def encode(self, starts_sizes: list[tuple[int, int]]) -> mx.array:
         """Encoder outputs (B, n_audio_ctx, n_state) of windows, reusing the detection window."""
@@ -414,10 +414,10 @@ def batched_lanes(ctx: Context, initial_prompt_tokens: list[int]) -> list[Lane]:
     from .vad import plan_lanes
 
     clips = seek_clips(ctx.options.clip_timestamps, ctx.content_frames)
-    mel = ctx.mel[: ctx.content_frames]
+    energy = ctx.mel.frame_means(ctx.content_frames)
     return [
         Lane(lane_clips, Transcript(initial_prompt_tokens, list(initial_prompt_tokens)))
-        for lane_clips in plan_lanes(mel, clips, ctx.options.batch_size)
+        for lane_clips in plan_lanes(energy, clips, ctx.options.batch_size)
     ]
 
 
@@ -533,8 +533,8 @@ def transcribe(
         append_punctuations=append_punctuations, hallucination_silence_threshold=hallucination_silence_threshold,
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
-    mel = log_mel_array(audio, model.dims.n_mels, padding=N_SAMPLES)
-    ctx = Context(model, mel, mel.shape[0] - N_FRAMES, options, TaskCache(model, decoding),
+    mel = log_mel_frames(audio, model.dims.n_mels, padding=N_SAMPLES)
+    ctx = Context(model, mel, mel.n_frames - N_FRAMES, options, TaskCache(model, decoding),
                   language=decoding.language)
     if word_timestamps and decoding.task == "translate":
         import warnings

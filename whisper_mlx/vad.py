@@ -22,11 +22,6 @@ def moving_average(x: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(np.pad(x, (width // 2, width - 1 - width // 2), mode="edge"), kernel, mode="valid")
 
 
-def frame_energy(mel: np.ndarray) -> np.ndarray:
-    """Mean normalised log-mel of each frame, (n_frames, n_mels) -> (n_frames,)."""
-    return mel.mean(axis=-1).astype(np.float64)
-
-
 def speech_frames(energy: np.ndarray, sensitivity: float = 0.2) -> np.ndarray:
     """Boolean speech mask: frames louder than the noise floor by `sensitivity` of the dynamic range."""
     if len(energy) == 0:
@@ -64,11 +59,13 @@ def quietest_near(energy: np.ndarray, target: int, lo: int, hi: int) -> int:
     return start + int(np.argmin(smooth))
 
 
-def plan_lanes(mel: np.ndarray, clips: list[tuple[int, int]], max_lanes: int,
+def plan_lanes(energy: np.ndarray, clips: list[tuple[int, int]], max_lanes: int,
                min_lane_frames: int = MIN_LANE_FRAMES) -> list[list[tuple[int, int]]]:
     """Split the speech regions inside the clips into at most max_lanes lanes of similar speech
-    duration, each cut at a quiet point; a lane is a list of (start, end) regions in mel frames."""
-    energy = frame_energy(mel)
+    duration, each cut at a quiet point; a lane is a list of (start, end) regions in mel frames.
+
+    energy: the mean normalised log-mel of each frame (audio.MelFrames.frame_means).
+    """
     speech = speech_frames(energy)
     regions = [r for s, e in clips for r in speech_regions(speech, s, min(e, len(energy)))]
     total = sum(e - s for s, e in regions)

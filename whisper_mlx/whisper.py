@@ -119,10 +119,10 @@ class MultiHeadAttention(nn.Module):
     def cross_with_weights(self, x: mx.array, xa: mx.array) -> tuple[mx.array, mx.array]:
         """Cross-attention that also returns the (B, H, L, T) attention weights (for word timing)."""
         q = split_heads(self.query(x), self.n_head)
-        kv = self.cross_kv(xa)
+        keys, values = split_heads(self.key(xa), self.n_head), split_heads(self.value(xa), self.n_head)
         scale = q.shape[-1] ** -0.5
-        weights = mx.softmax(((q * scale) @ kv.keys.swapaxes(-1, -2)).astype(mx.float32), axis=-1)
-        return self.out(merge_heads(weights.astype(kv.values.dtype) @ kv.values)), weights
+        weights = mx.softmax(((q * scale) @ keys.swapaxes(-1, -2)).astype(mx.float32), axis=-1)
+        return self.out(merge_heads(weights.astype(values.dtype) @ values)), weights
 
 
 class CrossKV:
@@ -133,11 +133,13 @@ class CrossKV:
     """
 
     def __init__(self, keys: mx.array, values: mx.array):
-        # contiguous once here: a strided operand is copied by every matmul, i.e. at every step
-        self.keys = mx.contiguous(keys)  # (B, H, T, D)
+        # contiguous once here: a strided operand is copied by every matmul, i.e. at every step.
+        # The explicit (CPU) path keeps only the pre-transposed, pre-scaled keys.
         self.values = mx.contiguous(values)  # (B, H, T, D)
-        self.scaled_keys_t = None
-        if not use_fused_attention():
+        self.keys = self.scaled_keys_t = None
+        if use_fused_attention():
+            self.keys = mx.contiguous(keys)  # (B, H, T, D)
+        else:
             self.scaled_keys_t = mx.contiguous(keys.swapaxes(-1, -2) * keys.shape[-1] ** -0.5)  # (B, H, D, T)
 
     def attend(self, q: mx.array) -> mx.array:
@@ -148,7 +150,8 @@ class CrossKV:
 
     def take(self, rows: mx.array) -> "CrossKV":
         taken = CrossKV.__new__(CrossKV)
-        taken.keys, taken.values = self.keys[rows], self.values[rows]
+        taken.values = self.values[rows]
+        taken.keys = None if self.keys is None else self.keys[rows]
         taken.scaled_keys_t = None if self.scaled_keys_t is None else self.scaled_keys_t[rows]
         return taken
 
