@@ -407,6 +407,8 @@ def run_lanes(ctx: Context, lanes: list[Lane], progress) -> None:
         for i, ((lane, span), result) in enumerate(zip(active, results)):
             lane.seek = process_window(ctx, lane.transcript, span, features[i : i + 1], result)
             progress(min(ctx.content_frames, lane.seek) - span.seek)
+        del features, results
+        mx.clear_cache()  # MLX keeps freed buffers for reuse; batch shapes vary, so that cache only grows
 
 
 def batched_lanes(ctx: Context, initial_prompt_tokens: list[int]) -> list[Lane]:
