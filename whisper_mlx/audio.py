@@ -428,12 +428,6 @@ def log_mel_frames(audio: AudioInput, n_mels: int = 80, padding: int = 0) -> Mel
     return MelFrames(raw, n_frames, n_mels)
 
 
-def to_waveform(audio: AudioInput) -> np.ndarray:
-    if isinstance(audio, (str, os.PathLike)):
-        return load_audio(audio)
-    return validate_waveform(audio)
-
-
 def log_mel_spectrogram(audio: AudioInput, n_mels: int = 80, padding: int = 0):
     """Log-mel spectrogram as an mlx array of shape (n_frames, n_mels), as mlx-whisper returns it.
 
