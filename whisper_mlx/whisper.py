@@ -14,6 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_kernels
+
 
 @dataclass(frozen=True)
 class ModelDimensions:
@@ -64,18 +66,18 @@ def merge_heads(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(batch, length, n_head * head_dim)
 
 
-NUMPY_ATTENTION_MIN_LENGTH = 256  # query lengths (the encoder's 1500) worth the round trip to numpy
+CPU_KERNEL_MIN_ELEMENTS = 1 << 18  # encoder-sized arrays; the decoder's are too small for the round trip
 
 
-def attend_numpy(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Unmasked float32 attention with numpy, for MLX's CPU backend: its exp/softmax kernels are scalar
-    and single-threaded (~200 ms per tiny encoder layer), numpy's are vectorised (~3x faster here)."""
-    scale = np.float32(q.shape[-1] ** -0.5)
-    scores = np.matmul(np.array(q) * scale, np.array(k).swapaxes(-1, -2))
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return mx.array(np.matmul(scores, np.array(v)))
+def use_cpu_kernels(x: mx.array) -> bool:
+    """Large float32 work on MLX's CPU backend goes to the numpy kernels (see cpu_kernels)."""
+    return mx.default_device() == mx.cpu and x.dtype == mx.float32 and x.size >= CPU_KERNEL_MIN_ELEMENTS
+
+
+def gelu(x: mx.array) -> mx.array:
+    if use_cpu_kernels(x):
+        return mx.array(cpu_kernels.gelu(np.asarray(x)))
+    return nn.gelu(x)
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
@@ -83,8 +85,6 @@ def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.a
     scale = q.shape[-1] ** -0.5
     if use_fused_attention():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    if mask is None and q.dtype == mx.float32 and q.shape[2] >= NUMPY_ATTENTION_MIN_LENGTH:
-        return attend_numpy(q, k, v)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = scores + mask
@@ -102,6 +102,9 @@ class MultiHeadAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: "KVCache | None" = None) -> mx.array:
         """Self-attention; with a cache, the new keys/values are appended to it first."""
+        if cache is None and mask is None and use_cpu_kernels(x):
+            q, k, v = (np.asarray(proj(x)) for proj in (self.query, self.key, self.value))
+            return self.out(mx.array(cpu_kernels.attention(q, k, v, self.n_head)))
         q = split_heads(self.query(x), self.n_head)
         k = split_heads(self.key(x), self.n_head)
         v = split_heads(self.value(x), self.n_head)
@@ -189,7 +192,7 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state)
 
     def mlp(self, x: mx.array) -> mx.array:
-        return self.mlp2(nn.gelu(self.mlp1(self.mlp_ln(x))))
+        return self.mlp2(gelu(self.mlp1(self.mlp_ln(x))))
 
     def __call__(self, x, mask=None, cache=None, cross_kv=None):
         x = x + self.attn(self.attn_ln(x), mask, cache)
@@ -209,8 +212,8 @@ class AudioEncoder(nn.Module):
 
     def __call__(self, mel: mx.array) -> mx.array:
         """mel (B, n_frames, n_mels) -> audio features (B, n_frames // 2, n_state)."""
-        x = nn.gelu(self.conv1(mel))
-        x = nn.gelu(self.conv2(x))
+        x = gelu(self.conv1(mel))
+        x = gelu(self.conv2(x))
         if x.shape[1] != self._positional_embedding.shape[0]:
             raise ValueError(f"incorrect audio shape: {x.shape[1]} frames after conv, expected "
                              f"{self._positional_embedding.shape[0]}")
@@ -227,6 +230,7 @@ class TextDecoder(nn.Module):
         self.positional_embedding = mx.zeros((n_ctx, n_state), dtype)
         self.blocks = [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
         self.ln = nn.LayerNorm(n_state)
+        self._logits_cache: tuple[mx.array, mx.array] | None = None  # (embedding, its transpose)
 
     def embed(self, tokens: mx.array, positions: mx.array) -> mx.array:
         return self.token_embedding(tokens) + self.positional_embedding[positions]
@@ -239,7 +243,23 @@ class TextDecoder(nn.Module):
         return self.ln(x)
 
     def logits(self, hidden: mx.array) -> mx.array:
-        return self.token_embedding.as_linear(hidden).astype(mx.float32)
+        weight = self.token_embedding.weight
+        if mx.default_device() != mx.cpu or type(self.token_embedding) is not nn.Embedding or weight.dtype != mx.float32:
+            return self.token_embedding.as_linear(hidden).astype(mx.float32)
+        # On the CPU the logits are the largest read of a decoding step (the whole embedding). Which
+        # layout MKL/OpenBLAS stream fastest depends on the row count (tiny, ms per step):
+        # 1 row: x @ Wᵀ 10.8, x @ contiguous(Wᵀ) 4.3;  3 rows: 18.7, 10.8, (W @ xᵀ)ᵀ 8.6.
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if rows.shape[0] <= 2:
+            out = rows @ self._transposed_embedding(weight)
+        else:
+            out = (weight @ rows.T).T
+        return out.reshape(*hidden.shape[:-1], -1)
+
+    def _transposed_embedding(self, weight: mx.array) -> mx.array:
+        if self._logits_cache is None or self._logits_cache[0] is not weight:  # weights replaced: redo
+            self._logits_cache = (weight, mx.contiguous(weight.T))
+        return self._logits_cache[1]
 
 
 class DecoderState:

@@ -1,0 +1,82 @@
+"""The numpy CPU kernels against straightforward references, and the encoder/logits with the CPU
+fast paths against MLX's own ops."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from whisper_mlx import cpu_kernels, whisper
+from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
+
+needs_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy kernels serve MLX's CPU backend only")
+
+
+def reference_attention(q, k, v, n_head):
+    batch, length, width = q.shape
+    split = lambda x: x.reshape(batch, -1, n_head, width // n_head).transpose(0, 2, 1, 3).astype(np.float64)
+    q, k, v = split(q), split(k), split(v)
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(width // n_head)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)
+
+
+@pytest.fixture(params=[True, False], ids=["threads", "serial"])
+def threads(request, monkeypatch):
+    if not request.param:  # no threadpoolctl: the blocks run in the calling thread
+        monkeypatch.setattr(cpu_kernels, "_limiter", False)
+    return request.param
+
+
+@pytest.mark.parametrize("length", [1, 257, 600])  # one row, and lengths that split into ragged blocks
+def test_attention_equals_reference(threads, length):
+    rng = np.random.default_rng(length)
+    q, k, v = (rng.normal(size=(2, length, 96)).astype(np.float32) * 2 for _ in range(3))
+    got = cpu_kernels.attention(q, k, v, n_head=3)
+    assert got.shape == q.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, reference_attention(q, k, v, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_equals_exact_erf_gelu(threads):
+    x = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, -0.0, 1e-30, -1e-30]]).astype(np.float32)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    got = cpu_kernels.gelu(x.reshape(5, -1)).reshape(-1)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=5e-7)
+    near = (x > -2) & (x != 0)  # relative precision where the outputs are not negligible
+    np.testing.assert_allclose(got[near], exact[near], rtol=1e-5)
+    mlx_gelu = np.array(nn.gelu(mx.array(x)))
+    assert np.abs(got - exact).max() <= np.abs(mlx_gelu - exact).max() + 1e-7
+
+
+def test_gelu_keeps_shape_and_non_contiguous_input():
+    x = np.random.default_rng(0).normal(size=(3, 40, 70)).astype(np.float32)
+    view = x.transpose(2, 0, 1)
+    np.testing.assert_allclose(cpu_kernels.gelu(view), np.array(nn.gelu(mx.array(view))), atol=1e-6)
+
+
+@needs_cpu
+def test_encoder_with_cpu_kernels_equals_mlx_ops(tiny_en, data_dir, monkeypatch):
+    mel = mx.array(pad_or_trim(np.array(log_mel_spectrogram(load_audio(str(data_dir / "jfk.flac")))), 3000, axis=0))
+    fast = np.array(tiny_en.embed_audio(mel[None]))
+    monkeypatch.setattr(whisper, "CPU_KERNEL_MIN_ELEMENTS", 1 << 62)  # every op back on MLX
+    plain = np.array(tiny_en.embed_audio(mel[None]))
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=2e-3)
+    assert np.abs(fast - plain).mean() < 1e-5
+
+
+@needs_cpu
+def test_cpu_logits_equal_embedding_and_follow_new_weights(tiny_en):
+    decoder = tiny_en.decoder
+    original = decoder.token_embedding.weight
+    for shape in [(1, 1, 384), (2, 1, 384), (3, 1, 384), (2, 5, 384)]:  # both layouts of the CPU path
+        hidden = mx.array(np.random.default_rng(1).normal(size=shape).astype(np.float32))
+        want = np.array(decoder.token_embedding.as_linear(hidden))
+        np.testing.assert_allclose(np.array(decoder.logits(hidden)), want, rtol=1e-5, atol=1e-4)
+        try:
+            decoder.token_embedding.weight = original * 2  # e.g. load_weights after a first decode
+            np.testing.assert_allclose(np.array(decoder.logits(hidden)), want * 2, rtol=1e-5, atol=2e-4)
+        finally:
+            decoder.token_embedding.weight = original
