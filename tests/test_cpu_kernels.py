@@ -57,6 +57,18 @@ def test_gelu_keeps_shape_and_non_contiguous_input():
     np.testing.assert_allclose(cpu_kernels.gelu(view), np.array(nn.gelu(mx.array(view))), atol=1e-6)
 
 
+def test_mlp_equals_reference(threads):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 300, 48)).astype(np.float32)  # 600 rows: ragged last block
+    w1, b1 = rng.normal(size=(192, 48)).astype(np.float32) / 7, rng.normal(size=192).astype(np.float32)
+    w2, b2 = rng.normal(size=(48, 192)).astype(np.float32) / 14, rng.normal(size=48).astype(np.float32)
+    h = x.astype(np.float64) @ w1.T + b1
+    want = (0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))) @ w2.T + b2
+    got = cpu_kernels.mlp(x, w1, b1, w2, b2)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @needs_cpu
 def test_encoder_with_cpu_kernels_equals_mlx_ops(tiny_en, data_dir, monkeypatch):
     mel = mx.array(pad_or_trim(np.array(log_mel_spectrogram(load_audio(str(data_dir / "jfk.flac")))), 3000, axis=0))

@@ -101,7 +101,7 @@ _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 def _gelu_block(x: np.ndarray, out: np.ndarray) -> None:
     """out = x Φ(x) = 0.5 x (1 + erf(x / √2)); with tail = t·poly·exp(-z²), 1 + erf is 2 - tail for
-    x >= 0 and tail for x < 0 (no 1 - erf cancellation near zero output)."""
+    x >= 0 and tail for x < 0 (no 1 - erf cancellation near zero output). out must not alias x."""
     z = np.abs(x) * np.float32(1 / math.sqrt(2))
     t = z * np.float32(_ERF_P)
     t += 1
@@ -127,6 +127,29 @@ def gelu(x: np.ndarray) -> np.ndarray:
              for i in range(0, flat.size, GELU_BLOCK_ELEMENTS)]
     run_blocks(tasks)
     return out.reshape(x.shape)
+
+
+MLP_BLOCK_ROWS = 256  # 256 x 1536 float32 hidden activations = 1.5 MB (twice: before/after GELU)
+
+
+def _mlp_block(x, w1, b1, w2, b2, out) -> None:
+    hidden = x @ w1.T
+    hidden += b1
+    activated = np.empty_like(hidden)  # _gelu_block reads its input after writing its output
+    _gelu_block(hidden, activated)
+    np.matmul(activated, w2.T, out=out)
+    out += b2
+
+
+def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """gelu(x w1ᵀ + b1) w2ᵀ + b2 over (..., n_state) rows, blockwise: each block's (rows, 4 n_state)
+    hidden activations stay in cache between the two matmuls and the GELU."""
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = np.empty((rows.shape[0], w2.shape[0]), np.float32)
+    tasks = [_bind(_mlp_block, rows[i:i + MLP_BLOCK_ROWS], w1, b1, w2, b2, out[i:i + MLP_BLOCK_ROWS])
+             for i in range(0, rows.shape[0], MLP_BLOCK_ROWS)]
+    run_blocks(tasks)
+    return out.reshape(*x.shape[:-1], w2.shape[0])
 
 
 def _bind(function, *args):

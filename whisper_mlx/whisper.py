@@ -192,7 +192,11 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state)
 
     def mlp(self, x: mx.array) -> mx.array:
-        return self.mlp2(gelu(self.mlp1(self.mlp_ln(x))))
+        x = self.mlp_ln(x)
+        if use_cpu_kernels(x) and type(self.mlp1) is nn.Linear and type(self.mlp2) is nn.Linear:
+            weights = (np.asarray(p) for p in (self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias))
+            return mx.array(cpu_kernels.mlp(np.asarray(x), *weights))
+        return self.mlp2(gelu(self.mlp1(x)))
 
     def __call__(self, x, mask=None, cache=None, cross_kv=None):
         x = x + self.attn(self.attn_ln(x), mask, cache)
