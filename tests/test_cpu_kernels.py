@@ -2,6 +2,8 @@
 fast paths against MLX's own ops."""
 
 import math
+import os
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -49,6 +51,24 @@ def test_gelu_equals_exact_erf_gelu(threads):
     np.testing.assert_allclose(got[near], exact[near], rtol=1e-5)
     mlx_gelu = np.array(nn.gelu(mx.array(x)))
     assert np.abs(got - exact).max() <= np.abs(mlx_gelu - exact).max() + 1e-7
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kernels_work_in_a_forked_child():
+    x = np.linspace(-3, 3, 1 << 17, dtype=np.float32)
+    want = cpu_kernels.gelu(x)  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # child: must not wait on the parent's (absent) worker threads
+        os._exit(0 if np.array_equal(cpu_kernels.gelu(x), want) else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child hung in the CPU kernels")
 
 
 def test_gelu_keeps_shape_and_non_contiguous_input():

@@ -22,6 +22,7 @@ GELU_BLOCK_ELEMENTS = 1 << 16  # 256 KB of float32 per block
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _limiter = None
 
 
@@ -30,10 +31,11 @@ def worker_count() -> int:
 
 
 def _workers() -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_pid
     with _lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():  # a forked child has none of the parent's threads
             _pool = ThreadPoolExecutor(worker_count(), thread_name_prefix="whisper-mlx-cpu")
+            _pool_pid = os.getpid()
         return _pool
 
 

@@ -435,7 +435,9 @@ class DecodingTask:
         """Filter, select and record one token per row; returns the tokens to feed next."""
         n_sampled = len(rows.sampled)
         if isinstance(rows.finished, np.ndarray):
-            logits = np.asarray(logits)  # the step's one host sync on the numpy path
+            # the step's one host sync on the numpy path; C order for fast row reductions (the CPU
+            # logits of several rows arrive transposed, see TextDecoder.logits)
+            logits = np.ascontiguousarray(logits)
         if temperature == 0 and self.timestamp_rules is not None:
             logits = self.suppressor.apply(logits, n_sampled)
             tokens, chosen = self.timestamp_rules.greedy(logits, rows.history, n_sampled)

@@ -103,8 +103,9 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: "KVCache | None" = None) -> mx.array:
         """Self-attention; with a cache, the new keys/values are appended to it first."""
         if cache is None and mask is None and use_cpu_kernels(x):
-            q, k, v = (np.asarray(proj(x)) for proj in (self.query, self.key, self.value))
-            return self.out(mx.array(cpu_kernels.attention(q, k, v, self.n_head)))
+            q, k, v = self.query(x), self.key(x), self.value(x)
+            mx.eval(q, k, v)  # one evaluation for the three projections
+            return self.out(mx.array(cpu_kernels.attention(np.asarray(q), np.asarray(k), np.asarray(v), self.n_head)))
         q = split_heads(self.query(x), self.n_head)
         k = split_heads(self.key(x), self.n_head)
         v = split_heads(self.value(x), self.n_head)
