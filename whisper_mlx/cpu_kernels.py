@@ -14,6 +14,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -90,7 +91,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
             key, value = np.ascontiguousarray(k[b, :, cols]), np.ascontiguousarray(v[b, :, cols])
             for start in range(0, length, ATTENTION_BLOCK_ROWS):
                 rows = slice(start, start + ATTENTION_BLOCK_ROWS)
-                tasks.append(_bind(_attend_block, q[b, rows, cols], key, value, out[b, rows, cols]))
+                tasks.append(partial(_attend_block, q[b, rows, cols], key, value, out[b, rows, cols]))
     run_blocks(tasks)
     return out
 
@@ -125,7 +126,7 @@ def gelu(x: np.ndarray) -> np.ndarray:
     """Exact (erf) GELU of a float32 array, blockwise over the worker threads."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty_like(flat)
-    tasks = [_bind(_gelu_block, flat[i:i + GELU_BLOCK_ELEMENTS], out[i:i + GELU_BLOCK_ELEMENTS])
+    tasks = [partial(_gelu_block, flat[i:i + GELU_BLOCK_ELEMENTS], out[i:i + GELU_BLOCK_ELEMENTS])
              for i in range(0, flat.size, GELU_BLOCK_ELEMENTS)]
     run_blocks(tasks)
     return out.reshape(x.shape)
@@ -148,11 +149,7 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
     hidden activations stay in cache between the two matmuls and the GELU."""
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     out = np.empty((rows.shape[0], w2.shape[0]), np.float32)
-    tasks = [_bind(_mlp_block, rows[i:i + MLP_BLOCK_ROWS], w1, b1, w2, b2, out[i:i + MLP_BLOCK_ROWS])
+    tasks = [partial(_mlp_block, rows[i:i + MLP_BLOCK_ROWS], w1, b1, w2, b2, out[i:i + MLP_BLOCK_ROWS])
              for i in range(0, rows.shape[0], MLP_BLOCK_ROWS)]
     run_blocks(tasks)
     return out.reshape(*x.shape[:-1], w2.shape[0])
-
-
-def _bind(function, *args):
-    return lambda: function(*args)
