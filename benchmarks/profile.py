@@ -82,12 +82,12 @@ def time_step(model, batch: int, repeats: int = 30) -> dict:
     for _ in range(60):
         mx.eval(model.step(token, state)[0])
     hidden = mx.random.normal((batch, 1, model.dims.n_text_state))
-    logits = np.ascontiguousarray(model.decoder.logits(hidden)[:, -1])
+    logits = model.decoder.host_logits(hidden[:, -1])
     history = decoding.TimestampHistory.empty(batch, np)
     parts = {
         "step": lambda: mx.eval(model.step(token, state)[0]),
         "decoder blocks": lambda: mx.eval(model.step(token, state)[1]),
-        "logits": lambda: mx.eval(model.decoder.logits(hidden)),
+        "logits": lambda: model.decoder.host_logits(hidden[:, -1]),
         "greedy filters (numpy)": lambda: task.timestamp_rules.greedy(task.suppressor.apply(logits, 5), history, 5),
     }
     out = {}

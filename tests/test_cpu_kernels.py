@@ -77,6 +77,15 @@ def test_gelu_keeps_shape_and_non_contiguous_input():
     np.testing.assert_allclose(cpu_kernels.gelu(view), np.array(nn.gelu(mx.array(view))), atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 12])
+def test_few_rows_matmul_equals_reference(threads, rows):
+    rng = np.random.default_rng(rows)
+    x, weight = rng.normal(size=(rows, 64)).astype(np.float32), rng.normal(size=(64, 1001)).astype(np.float32)
+    got = cpu_kernels.few_rows_matmul(x, weight)
+    assert got.shape == (rows, 1001)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-4)
+
+
 def test_mlp_equals_reference(threads):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, 300, 48)).astype(np.float32)  # 600 rows: ragged last block
@@ -105,10 +114,12 @@ def test_encoder_with_cpu_kernels_equals_mlx_ops(model_name, data_dir, monkeypat
 def test_cpu_logits_equal_embedding_and_follow_new_weights(tiny_en):
     decoder = tiny_en.decoder
     original = decoder.token_embedding.weight
-    for shape in [(1, 1, 384), (2, 1, 384), (3, 1, 384), (2, 5, 384)]:  # both layouts of the CPU path
+    for shape in [(1, 1, 384), (2, 1, 384), (3, 1, 384), (2, 5, 384)]:  # every layout of the CPU paths
         hidden = mx.array(np.random.default_rng(1).normal(size=shape).astype(np.float32))
         want = np.array(decoder.token_embedding.as_linear(hidden))
         np.testing.assert_allclose(np.array(decoder.logits(hidden)), want, rtol=1e-5, atol=1e-4)
+        rows = hidden.reshape(-1, 384)
+        np.testing.assert_allclose(decoder.host_logits(rows), want.reshape(rows.shape[0], -1), rtol=1e-5, atol=1e-4)
         try:
             decoder.token_embedding.weight = original * 2  # e.g. load_weights after a first decode
             np.testing.assert_allclose(np.array(decoder.logits(hidden)), want * 2, rtol=1e-5, atol=2e-4)

@@ -435,8 +435,8 @@ class DecodingTask:
         """Filter, select and record one token per row; returns the tokens to feed next."""
         n_sampled = len(rows.sampled)
         if isinstance(rows.finished, np.ndarray):
-            # the step's one host sync on the numpy path; C order for fast row reductions (the CPU
-            # logits of several rows arrive transposed, see TextDecoder.logits)
+            # C order for fast row reductions (the prefill's CPU logits of several rows arrive
+            # transposed, see TextDecoder.logits); the first step's host sync
             logits = np.ascontiguousarray(logits)
         if temperature == 0 and self.timestamp_rules is not None:
             logits = self.suppressor.apply(logits, n_sampled)
@@ -466,18 +466,26 @@ class DecodingTask:
         for step in range(max_steps):
             tokens = self._sample_step(logits, rows, temperature)
             if step + 1 < max_steps:
-                feed = mx.array(tokens) if on_host else tokens
-                logits = self.model.step(feed[:, None], state)[0][:, -1]
-                mx.async_eval(logits, *([] if on_host else [rows.finished, rows.sum_logprobs]))
+                logits = self._next_logits(tokens, state, rows, on_host)
             finished = np.array(rows.finished)  # the one host sync of the step (a copy on the host path)
             if finished.all() or step + 1 == max_steps:
                 break
             if finished.sum() * 4 >= len(finished):  # drop finished rows so they stop costing compute
                 keep = self._retire(rows, finished, done_tokens, done_logprobs)
                 state.take(keep)
-                logits = logits[keep]
+                logits = logits[np.array(keep)] if on_host else logits[keep]
         self._retire(rows, np.ones(len(rows.index), bool), done_tokens, done_logprobs)
         return [done_tokens[i] for i in range(batch)], done_logprobs, np.array(no_speech)
+
+    def _next_logits(self, tokens, state, rows: _Rows, on_host: bool):
+        """Feed the sampled tokens; the next step's logits, computed asynchronously on the device, or
+        on the host path waited for (the step's one sync) and computed in numpy from the hidden state."""
+        if on_host:
+            hidden = self.model.step(mx.array(tokens)[:, None], state)[1][:, -1]
+            return self.model.decoder.host_logits(hidden)
+        logits = self.model.step(tokens[:, None], state)[0][:, -1]
+        mx.async_eval(logits, rows.finished, rows.sum_logprobs)
+        return logits
 
     def _retire(self, rows: _Rows, finished: np.ndarray, done_tokens: dict, done_logprobs: np.ndarray):
         """Move finished rows' results to the host; keep the others. Returns the kept row indices."""

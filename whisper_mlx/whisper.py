@@ -247,9 +247,13 @@ class TextDecoder(nn.Module):
             x = block(x, mask, cache, cross_kv)
         return self.ln(x)
 
+    def _cpu_float32_embedding(self) -> bool:
+        weight = self.token_embedding.weight
+        return mx.default_device() == mx.cpu and type(self.token_embedding) is nn.Embedding and weight.dtype == mx.float32
+
     def logits(self, hidden: mx.array) -> mx.array:
         weight = self.token_embedding.weight
-        if mx.default_device() != mx.cpu or type(self.token_embedding) is not nn.Embedding or weight.dtype != mx.float32:
+        if not self._cpu_float32_embedding():
             return self.token_embedding.as_linear(hidden).astype(mx.float32)
         # On the CPU the logits are the largest read of a decoding step (the whole embedding). Which
         # layout MKL/OpenBLAS stream fastest depends on the row count (tiny, ms per step):
@@ -260,6 +264,15 @@ class TextDecoder(nn.Module):
         else:
             out = (weight @ rows.T).T
         return out.reshape(*hidden.shape[:-1], -1)
+
+    def host_logits(self, hidden: mx.array) -> np.ndarray:
+        """Logits (rows, n_vocab) of final hidden states (rows, n_state) as a numpy array, evaluated now
+        (one wait), for greedy steps on the CPU: from 3 rows on, numpy's BLAS on worker threads streams
+        the embedding faster than MLX's matmul."""
+        if hidden.shape[0] <= 2 or not self._cpu_float32_embedding():
+            return np.asarray(self.logits(hidden))
+        weight_t = self._transposed_embedding(self.token_embedding.weight)
+        return cpu_kernels.few_rows_matmul(np.asarray(hidden), np.asarray(weight_t))
 
     def _transposed_embedding(self, weight: mx.array) -> mx.array:
         if self._logits_cache is None or self._logits_cache[0] is not weight:  # weights replaced: redo
