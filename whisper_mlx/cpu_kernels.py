@@ -144,10 +144,6 @@ def _mlp_block(x, w1, b1, w2, b2, out) -> None:
     out += b2
 
 
-def _matmul_into(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    np.matmul(x, w, out=out)
-
-
 def few_rows_matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (rows, k) @ weight (k, n) for a few rows and a wide weight (the decoder's logits): the columns
     are split over the workers and the rows padded to a multiple of 4, a shape the BLAS streams well
@@ -157,7 +153,7 @@ def few_rows_matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     padded[:rows] = x
     out = np.empty((padded.shape[0], width), np.float32)
     bounds = np.linspace(0, width, worker_count() + 1).astype(int)
-    run_blocks([partial(_matmul_into, padded, weight[:, a:b], out[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    run_blocks([partial(np.matmul, padded, weight[:, a:b], out=out[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
     return out[:rows]
 
 
