@@ -17,6 +17,7 @@ needs_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy 
 
 
 def reference_attention(q, k, v, n_head):
+    """float64 softmax(q kᵀ / √d) v on (B, L, n_head * d) arrays; k and v may be longer than q."""
     batch, length, width = q.shape
     split = lambda x: x.reshape(batch, -1, n_head, width // n_head).transpose(0, 2, 1, 3).astype(np.float64)
     q, k, v = split(q), split(k), split(v)
@@ -125,3 +126,22 @@ def test_cpu_logits_equal_embedding_and_follow_new_weights(tiny_en):
             np.testing.assert_allclose(np.array(decoder.logits(hidden)), want * 2, rtol=1e-5, atol=2e-4)
         finally:
             decoder.token_embedding.weight = original
+
+
+@needs_cpu
+@pytest.mark.parametrize("batch, length", [(3, 1), (4, 7)])  # greedy steps, and a prompt's first step
+def test_cross_attention_with_cpu_kernel_equals_mlx_ops(tiny_en, batch, length, monkeypatch):
+    attention = tiny_en.decoder.blocks[0].cross_attn
+    rng = np.random.default_rng(batch)
+    audio = mx.array(rng.normal(size=(batch, 1500, 384)).astype(np.float32))
+    x = mx.array(rng.normal(size=(batch, length, 384)).astype(np.float32))
+    kv = attention.cross_kv(audio)
+    assert whisper.use_cpu_kernels(kv.values, whisper.CROSS_ATTENTION_MIN_ELEMENTS)  # the numpy path runs
+    fast = np.array(attention.cross(x, kv))
+    monkeypatch.setattr(whisper, "CROSS_ATTENTION_MIN_ELEMENTS", 1 << 62)
+    plain = np.array(attention.cross(x, kv))
+    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
+    # and both against float64 softmax(q kᵀ / √d) v on the projections
+    q, k, v = (np.array(p(t)) for p, t in ((attention.query, x), (attention.key, audio), (attention.value, audio)))
+    want = np.array(attention.out(mx.array(reference_attention(q, k, v, 6).astype(np.float32))))
+    np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-4)

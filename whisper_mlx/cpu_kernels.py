@@ -1,4 +1,4 @@
-"""numpy kernels for the encoder on MLX's CPU backend.
+"""numpy kernels for MLX's CPU backend: the encoder, and the decoder's cross-attention and logits.
 
 MLX's CPU elementwise kernels are scalar and single-threaded: `exp` costs ~17 ns per element, so the
 softmax of one tiny encoder layer (6 x 1500 x 1500 scores) takes ~230 ms and its exact GELU ~65 ms.
@@ -67,8 +67,15 @@ def run_blocks(tasks: list) -> None:
             future.result()
 
 
-def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
-    scores = q @ k.T
+def _shares(count: int) -> list[tuple[int, int]]:
+    """[start, end) ranges splitting count items evenly over the workers."""
+    edges = np.linspace(0, count, min(worker_count(), count) + 1).astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def _attend_block(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+    """out = softmax(q keys_t) v, for one block or a stack of blocks."""
+    scores = q @ keys_t
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     total = scores.sum(axis=-1, keepdims=True)
@@ -91,8 +98,18 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
             key, value = np.ascontiguousarray(k[b, :, cols]), np.ascontiguousarray(v[b, :, cols])
             for start in range(0, length, ATTENTION_BLOCK_ROWS):
                 rows = slice(start, start + ATTENTION_BLOCK_ROWS)
-                tasks.append(partial(_attend_block, q[b, rows, cols], key, value, out[b, rows, cols]))
+                tasks.append(partial(_attend_block, q[b, rows, cols], key.T, value, out[b, rows, cols]))
     run_blocks(tasks)
+    return out
+
+
+def cross_attention(q: np.ndarray, scaled_keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """softmax(q kᵀ) v of the decoder's few new tokens over a window's audio frames: q (B, H, L, D),
+    keys pre-scaled and transposed (B, H, D, T), values (B, H, T, D) -> (B, H, L, D). Memory-bound
+    (the caches are read once per step), so one thread: splitting the heads over the workers
+    measured no faster."""
+    out = np.empty(q.shape, np.float32)
+    _attend_block(q, scaled_keys_t, values, out)
     return out
 
 
@@ -152,8 +169,7 @@ def few_rows_matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     padded = np.zeros((-(-rows // 4) * 4, x.shape[1]), np.float32)
     padded[:rows] = x
     out = np.empty((padded.shape[0], width), np.float32)
-    bounds = np.linspace(0, width, worker_count() + 1).astype(int)
-    run_blocks([partial(np.matmul, padded, weight[:, a:b], out=out[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    run_blocks([partial(np.matmul, padded, weight[:, a:b], out=out[:, a:b]) for a, b in _shares(width)])
     return out[:rows]
 
 
