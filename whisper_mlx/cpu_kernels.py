@@ -73,6 +73,10 @@ def _shares(count: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
+def _blocks(length: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, length, size)]
+
+
 def _attend_block(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
     """out = softmax(q keys_t) v, for one block or a stack of blocks."""
     scores = q @ keys_t
@@ -96,21 +100,55 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
         for h in range(n_head):
             cols = slice(h * head_dim, (h + 1) * head_dim)
             key, value = np.ascontiguousarray(k[b, :, cols]), np.ascontiguousarray(v[b, :, cols])
-            for start in range(0, length, ATTENTION_BLOCK_ROWS):
-                rows = slice(start, start + ATTENTION_BLOCK_ROWS)
+            for rows in _blocks(length, ATTENTION_BLOCK_ROWS):
                 tasks.append(partial(_attend_block, q[b, rows, cols], key.T, value, out[b, rows, cols]))
     run_blocks(tasks)
     return out
 
 
 def cross_attention(q: np.ndarray, scaled_keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """softmax(q kᵀ) v of the decoder's few new tokens over a window's audio frames: q (B, H, L, D),
-    keys pre-scaled and transposed (B, H, D, T), values (B, H, T, D) -> (B, H, L, D). Memory-bound
-    (the caches are read once per step), so one thread: splitting the heads over the workers
-    measured no faster."""
+    """softmax(q kᵀ) v of the decoder's new tokens over a window's audio frames: q (B, H, L, D), keys
+    pre-scaled and transposed (B, H, D, T), values (B, H, T, D) -> (B, H, L, D). A decoding step
+    (L = 1) is memory-bound, so it runs in one call on this thread: splitting its heads over the
+    workers measured no faster. A prompt's first step (L up to ~225) is split into cache-sized blocks
+    over the workers, as the encoder's attention is."""
+    batch, n_head, length, head_dim = q.shape
     out = np.empty(q.shape, np.float32)
-    _attend_block(q, scaled_keys_t, values, out)
+    if length == 1:
+        _attend_block(q, scaled_keys_t, values, out)
+        return out
+    run_blocks([partial(_attend_block, q[b, h, rows], scaled_keys_t[b, h], values[b, h], out[b, h, rows])
+                for b in range(batch) for h in range(n_head)
+                for rows in _blocks(length, ATTENTION_BLOCK_ROWS)])
     return out
+
+
+def _affine(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
+    np.matmul(x, weight_t, out=out)
+    if bias is not None:
+        out += bias
+
+
+def cross_keys_values(audio: np.ndarray, key_weight: np.ndarray, value_weight: np.ndarray,
+                      value_bias: np.ndarray | None, n_head: int) -> tuple[np.ndarray, np.ndarray]:
+    """A decoder layer's cross-attention cache of encoded windows (B, T, width), written straight in
+    the layouts the decoding steps read: keys scaled by 1/√d and transposed (B, H, D, T), values
+    (B, H, T, D), one head per block, so no transposing copy (tiny, 3 windows, 4 layers: ~200 ms as
+    MLX projections plus copies, ~50 ms here)."""
+    batch, frames, width = audio.shape
+    head_dim = width // n_head
+    key_weight = key_weight * np.float32(head_dim ** -0.5)
+    keys_t = np.empty((batch, n_head, head_dim, frames), np.float32)
+    values = np.empty((batch, n_head, frames, head_dim), np.float32)
+    tasks = []
+    for b in range(batch):
+        for h in range(n_head):
+            cols = slice(h * head_dim, (h + 1) * head_dim)
+            tasks.append(partial(np.matmul, key_weight[cols], audio[b].T, out=keys_t[b, h]))
+            bias = None if value_bias is None else value_bias[cols]
+            tasks.append(partial(_affine, audio[b], value_weight[cols].T, bias, values[b, h]))
+    run_blocks(tasks)
+    return keys_t, values
 
 
 # Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-z²), t = 1 / (1 + p z), z >= 0,

@@ -121,6 +121,11 @@ class MultiHeadAttention(nn.Module):
         return self.out(merge_heads(attend(q, k, v, mask)))
 
     def cross_kv(self, xa: mx.array) -> "CrossKV":
+        if use_cpu_kernels(xa) and type(self.key) is nn.Linear and type(self.value) is nn.Linear:
+            bias = np.asarray(self.value.bias) if "bias" in self.value else None
+            keys_t, values = cpu_kernels.cross_keys_values(np.asarray(xa), np.asarray(self.key.weight),
+                                                           np.asarray(self.value.weight), bias, self.n_head)
+            return CrossKV.on_host(keys_t, values)
         return CrossKV(split_heads(self.key(xa), self.n_head), split_heads(self.value(xa), self.n_head))
 
     def cross(self, x: mx.array, kv: "CrossKV") -> mx.array:
@@ -140,32 +145,45 @@ class CrossKV:
     """Cross-attention keys/values of one layer for a batch of windows, computed once per window.
 
     Keys are also kept pre-transposed and pre-scaled for the explicit (CPU) path so no decoding
-    step re-transposes or re-scales the 1500-frame cache.
+    step re-transposes or re-scales the 1500-frame cache. On MLX's CPU backend in float32 that
+    explicit layout is made and kept in numpy (`host`), which the numpy kernel reads as is; MLX
+    copies are made only when MLX ops read it (batches below CROSS_ATTENTION_MIN_ELEMENTS).
     """
 
     def __init__(self, keys: mx.array, values: mx.array):
         # contiguous once here: a strided operand is copied by every matmul, i.e. at every step.
         # The explicit (CPU) path keeps only the pre-transposed, pre-scaled keys.
         self.values = mx.contiguous(values)  # (B, H, T, D)
-        self.keys = self.scaled_keys_t = None
+        self.keys = self.scaled_keys_t = self.host = None
         if use_fused_attention():
             self.keys = mx.contiguous(keys)  # (B, H, T, D)
         else:
             self.scaled_keys_t = mx.contiguous(keys.swapaxes(-1, -2) * keys.shape[-1] ** -0.5)  # (B, H, D, T)
 
+    @classmethod
+    def on_host(cls, scaled_keys_t: np.ndarray, values: np.ndarray) -> "CrossKV":
+        """From float32 numpy keys already scaled and transposed (B, H, D, T) and values (B, H, T, D)."""
+        made = cls.__new__(cls)
+        made.keys = made.scaled_keys_t = made.values = None
+        made.host = (scaled_keys_t, values)
+        return made
+
     def attend(self, q: mx.array) -> mx.array:
-        if self.scaled_keys_t is None:
+        if self.keys is not None:
             return mx.fast.scaled_dot_product_attention(q, self.keys, self.values, scale=q.shape[-1] ** -0.5)
-        if use_cpu_kernels(self.values, CROSS_ATTENTION_MIN_ELEMENTS) and q.dtype == mx.float32:
-            # views of the evaluated caches, no copy (np.asarray evaluates q and what it depends on)
-            keys_t, values = np.asarray(self.scaled_keys_t), np.asarray(self.values)
-            return mx.array(cpu_kernels.cross_attention(np.asarray(q), keys_t, values))
+        if self.host is not None and self.host[1].size >= CROSS_ATTENTION_MIN_ELEMENTS and q.dtype == mx.float32:
+            return mx.array(cpu_kernels.cross_attention(np.asarray(q), *self.host))  # evaluates q: a sync
+        if self.scaled_keys_t is None:  # made in numpy, read by MLX ops from now on (rows only shrink)
+            (self.scaled_keys_t, self.values), self.host = map(mx.array, self.host), None
         scores = (q @ self.scaled_keys_t).astype(mx.float32)
         return mx.softmax(scores, axis=-1).astype(self.values.dtype) @ self.values
 
     def take(self, rows: mx.array) -> "CrossKV":
+        if self.host is not None:
+            index = np.asarray(rows)
+            return CrossKV.on_host(self.host[0][index], self.host[1][index])
         taken = CrossKV.__new__(CrossKV)
-        taken.values = self.values[rows]
+        taken.values, taken.host = self.values[rows], None
         taken.keys = None if self.keys is None else self.keys[rows]
         taken.scaled_keys_t = None if self.scaled_keys_t is None else self.scaled_keys_t[rows]
         return taken
