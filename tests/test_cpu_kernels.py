@@ -148,3 +148,39 @@ def test_cross_attention_with_cpu_kernels_equals_mlx_ops(tiny_en, batch, length,
     q, k, v = (np.array(p(t)) for p, t in ((attention.query, x), (attention.key, audio), (attention.value, audio)))
     want = np.array(attention.out(mx.array(reference_attention(q, k, v, 6).astype(np.float32))))
     np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-4)
+
+
+def reference_masked_attention(q, k, v, mask):
+    scores = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + mask
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return (weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64)
+
+
+def causal_and_padding_mask(pad: list[int], length: int) -> np.ndarray:
+    """(B, 1, L, L): causal, and real queries never see a row's left padding (as the decoder's prompt)."""
+    positions = np.arange(length)
+    mask = np.where(positions[None, :] > positions[:, None], -np.inf, 0.0)[None, None]
+    padded = (positions[None, None, :] < np.array(pad)[:, None, None]) & (positions[None, :, None] >= np.array(pad)[:, None, None])
+    return (mask + np.where(padded, -np.inf, 0.0)[:, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("pad", [[0], [0, 40, 299]])  # one causal mask for all rows; a mask per row
+def test_masked_attention_equals_reference(threads, pad):
+    rng = np.random.default_rng(len(pad))
+    q, k, v = (rng.normal(size=(len(pad), 3, 300, 32)).astype(np.float32) * 2 for _ in range(3))
+    mask = causal_and_padding_mask(pad, 300)
+    got = cpu_kernels.masked_attention(q, k, v, mask)
+    np.testing.assert_allclose(got, reference_masked_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cpu_kernels.masked_attention(q, k, v, None), reference_masked_attention(q, k, v, 0.0),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
+def test_prompt_self_attention_with_cpu_kernel_equals_mlx_ops(monkeypatch):
+    rng = np.random.default_rng(0)
+    q, k, v = (mx.array(rng.normal(size=(3, 6, 228, 64)).astype(np.float32)) for _ in range(3))
+    mask = mx.array(causal_and_padding_mask([0, 23, 73], 228))
+    assert 3 * 6 * 228 * 228 >= whisper.CPU_KERNEL_MIN_ELEMENTS  # the numpy path runs
+    fast = np.array(whisper.attend(q, k, v, mask))
+    monkeypatch.setattr(whisper, "CPU_KERNEL_MIN_ELEMENTS", 1 << 62)
+    np.testing.assert_allclose(fast, np.array(whisper.attend(q, k, v, mask)), rtol=1e-4, atol=1e-5)

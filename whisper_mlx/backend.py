@@ -84,11 +84,18 @@ def preload_blas() -> None:
     _state.update(blas=kind, blas_path=path, status="loaded")
 
 
+def on_cpu() -> bool:
+    """Whether MLX computes on its CPU backend (the numpy kernels and host paths serve it)."""
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
+
+
 def default_dtype():
     """float16 on a GPU (Metal, CUDA); float32 on the CPU, where half-precision matmuls skip BLAS."""
     import mlx.core as mx
 
-    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+    return mx.float32 if on_cpu() else mx.float16
 
 
 def backend_info() -> dict:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import CHUNK_LENGTH, N_FRAMES
+from .backend import on_cpu
 from .errors import DecodingError
 from .tokenizer import Tokenizer, get_tokenizer
 from .whisper import Whisper
@@ -429,7 +430,7 @@ class DecodingTask:
     def _greedy_on_host(self, temperature: float) -> bool:
         """Greedy steps with timestamp rules run their filters in numpy on MLX's CPU backend: ~1 ms
         instead of ~5 ms per step at B=3 (MLX's CPU exp is scalar; numpy's is vectorised)."""
-        return temperature == 0 and self.timestamp_rules is not None and mx.default_device() == mx.cpu
+        return temperature == 0 and self.timestamp_rules is not None and on_cpu()
 
     def _sample_step(self, logits: mx.array, rows: _Rows, temperature: float) -> mx.array:
         """Filter, select and record one token per row; returns the tokens to feed next."""
@@ -481,7 +482,7 @@ class DecodingTask:
         """Feed the sampled tokens; the next step's logits, computed asynchronously on the device, or
         on the host path waited for (the step's one sync) and computed in numpy from the hidden state."""
         if on_host:
-            hidden = self.model.step(mx.array(tokens)[:, None], state)[1][:, -1]
+            hidden = self.model.step(mx.array(tokens)[:, None], state, keep=0)[1][:, -1]
             return self.model.decoder.host_logits(hidden)
         logits = self.model.step(tokens[:, None], state)[0][:, -1]
         mx.async_eval(logits, rows.finished, rows.sum_logprobs)

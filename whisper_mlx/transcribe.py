@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, MelFrames, log_mel_frames, pad_or_trim
+from .backend import on_cpu
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .errors import DecodingError
 from .segments import clear_empty_segments, split_window
@@ -199,7 +200,7 @@ def encode_windows(model: Whisper, mels: mx.array) -> mx.array:
     On the CPU one window at a time: batching gains nothing there (the work is per window) and the
     (B, heads, 1500, 1500) attention scores of a large batch cost hundreds of MB.
     """
-    if mx.default_device() == mx.gpu or mels.shape[0] == 1:
+    if not on_cpu() or mels.shape[0] == 1:
         features = model.embed_audio(mels)
         mx.eval(features)
         return features

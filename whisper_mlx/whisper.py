@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import cpu_kernels
+from .backend import on_cpu
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> mx.ar
 
 def use_fused_attention() -> bool:
     """mx.fast SDPA has fused kernels on Metal and CUDA only; on the CPU the explicit path is faster."""
-    return mx.default_device() == mx.gpu
+    return not on_cpu()
 
 
 def split_heads(x: mx.array, n_head: int) -> mx.array:
@@ -78,7 +79,7 @@ CROSS_ATTENTION_MIN_ELEMENTS = 3 * 1500 * 384
 def use_cpu_kernels(x: mx.array, min_elements: int | None = None) -> bool:
     """Large float32 work on MLX's CPU backend goes to the numpy kernels (see cpu_kernels)."""
     min_elements = CPU_KERNEL_MIN_ELEMENTS if min_elements is None else min_elements
-    return mx.default_device() == mx.cpu and x.dtype == mx.float32 and x.size >= min_elements
+    return on_cpu() and x.dtype == mx.float32 and x.size >= min_elements
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -92,6 +93,10 @@ def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.a
     scale = q.shape[-1] ** -0.5
     if use_fused_attention():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    batch, n_head, length, _ = q.shape
+    if length > 1 and use_cpu_kernels(q, 0) and batch * n_head * length * k.shape[2] >= CPU_KERNEL_MIN_ELEMENTS:
+        masks = None if mask is None else np.asarray(mask.astype(mx.float32))
+        return mx.array(cpu_kernels.masked_attention(np.asarray(q), np.asarray(k), np.asarray(v), masks))
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = scores + mask
@@ -278,7 +283,7 @@ class TextDecoder(nn.Module):
 
     def _cpu_float32_embedding(self) -> bool:
         weight = self.token_embedding.weight
-        return mx.default_device() == mx.cpu and type(self.token_embedding) is nn.Embedding and weight.dtype == mx.float32
+        return on_cpu() and type(self.token_embedding) is nn.Embedding and weight.dtype == mx.float32
 
     def logits(self, hidden: mx.array) -> mx.array:
         weight = self.token_embedding.weight
@@ -371,14 +376,15 @@ class Whisper(nn.Module):
         return DecoderState(self.decoder, audio_features, pad, self.dims.n_text_ctx)
 
     def step(self, tokens: mx.array, state: DecoderState, keep: int = 1) -> tuple[mx.array, mx.array]:
-        """Feed new tokens (B, L) and return (logits of the last `keep` positions, all hidden states)."""
+        """Feed new tokens (B, L) and return (logits of the last `keep` positions, or None when keep
+        is 0, and all hidden states)."""
         length = tokens.shape[1]
         offset = state.offset
         positions = mx.arange(offset, offset + length)[None, :] - state.pad[:, None]
         positions = mx.maximum(positions, 0)
         mask = self._self_attention_mask(state, length)
         hidden = self.decoder.hidden(tokens, positions, mask, state)
-        return self.decoder.logits(hidden[:, -keep:]), hidden
+        return (self.decoder.logits(hidden[:, -keep:]) if keep else None), hidden
 
     def _self_attention_mask(self, state: DecoderState, length: int) -> mx.array | None:
         total = state.offset + length
