@@ -39,6 +39,8 @@ def preload_blas(path: str) -> str:
         return "as installed"
     if "mlx.core" in sys.modules:
         raise RuntimeError("preload_blas must run before mlx.core is imported")
+    if "mkl" in os.path.basename(path):
+        os.environ.setdefault("KMP_BLOCKTIME", "0")  # as whisper_mlx's own preload does, for a like-for-like BLAS
     ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
     return path
 
