@@ -78,15 +78,6 @@ def test_gelu_keeps_shape_and_non_contiguous_input():
     np.testing.assert_allclose(cpu_kernels.gelu(view), np.array(nn.gelu(mx.array(view))), atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 12])
-def test_few_rows_matmul_equals_reference(threads, rows):
-    rng = np.random.default_rng(rows)
-    x, weight = rng.normal(size=(rows, 64)).astype(np.float32), rng.normal(size=(64, 1001)).astype(np.float32)
-    got = cpu_kernels.few_rows_matmul(x, weight)
-    assert got.shape == (rows, 1001)
-    np.testing.assert_allclose(got, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-4)
-
-
 def test_mlp_equals_reference(threads):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, 300, 48)).astype(np.float32)  # 600 rows: ragged last block

@@ -67,12 +67,6 @@ def run_blocks(tasks: list) -> None:
             future.result()
 
 
-def _shares(count: int) -> list[tuple[int, int]]:
-    """[start, end) ranges splitting count items evenly over the workers."""
-    edges = np.linspace(0, count, min(worker_count(), count) + 1).astype(int)
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
-
-
 def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, length, size)]
 
@@ -213,18 +207,6 @@ def _mlp_block(x, w1, b1, w2, b2, out) -> None:
     _gelu_block(hidden, activated)
     np.matmul(activated, w2.T, out=out)
     out += b2
-
-
-def few_rows_matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x (rows, k) @ weight (k, n) for a few rows and a wide weight (the decoder's logits): the columns
-    are split over the workers and the rows padded to a multiple of 4, a shape the BLAS streams well
-    (tiny's 384 x 51864 embedding, 3 rows: ~10 ms with MLX, ~6 ms here; 12 rows: ~17 ms, ~9.5 ms)."""
-    rows, width = x.shape[0], weight.shape[1]
-    padded = np.zeros((-(-rows // 4) * 4, x.shape[1]), np.float32)
-    padded[:rows] = x
-    out = np.empty((padded.shape[0], width), np.float32)
-    run_blocks([partial(np.matmul, padded, weight[:, a:b], out=out[:, a:b]) for a, b in _shares(width)])
-    return out[:rows]
 
 
 def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> np.ndarray:

@@ -301,12 +301,14 @@ class TextDecoder(nn.Module):
 
     def host_logits(self, hidden: mx.array) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state) as a numpy array, evaluated now
-        (one wait), for greedy steps on the CPU: from 3 rows on, numpy's BLAS on worker threads streams
-        the embedding faster than MLX's matmul."""
-        if hidden.shape[0] <= 2 or not self._cpu_float32_embedding():
+        (one wait), for greedy steps on the CPU. Which library streams the transposed embedding fastest
+        depends on the row count. tiny, alice_ch1's greedy steps, median ms with the variants taking
+        turns within one run: 1 row numpy 5.4, MLX 7.7; 2 rows numpy 12.1, MLX 9.4; 3 rows numpy 10.9,
+        MLX 17.3, numpy split over two worker threads 17.3 (faster alone in a loop, slower here)."""
+        if hidden.shape[0] == 2 or not self._cpu_float32_embedding():
             return np.asarray(self.logits(hidden))
         weight_t = self._transposed_embedding(self.token_embedding.weight)
-        return cpu_kernels.few_rows_matmul(np.asarray(hidden), np.asarray(weight_t))
+        return np.asarray(hidden) @ np.asarray(weight_t)
 
     def _transposed_embedding(self, weight: mx.array) -> mx.array:
         if self._logits_cache is None or self._logits_cache[0] is not weight:  # weights replaced: redo
