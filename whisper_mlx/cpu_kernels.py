@@ -103,17 +103,22 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
     return out
 
 
+def _attend_heads(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """softmax(q keys_t + mask) v on scaled (B, H, L, D) queries, (B, H, D, S) keys, (B, H, S, D)
+    values and a (1 or B, 1, L, S) mask, one block per head and ATTENTION_BLOCK_ROWS queries."""
+    batch, n_head, length, _ = q.shape
+    out = np.empty(q.shape, np.float32)
+    run_blocks([partial(_attend_block, q[b, h, rows], keys_t[b, h], v[b, h], out[b, h, rows],
+                        None if mask is None else mask[min(b, mask.shape[0] - 1), 0, rows])
+                for b in range(batch) for h in range(n_head) for rows in _blocks(length, ATTENTION_BLOCK_ROWS)])
+    return out
+
+
 def masked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """softmax(q kᵀ / √d + mask) v on (B, H, L, D) queries and (B, H, S, D) keys/values, with an
     additive mask of shape (1 or B, 1, L, S): the decoder's self-attention over a prompt, in
     cache-sized blocks over the workers (MLX's scalar softmax: ~40 ms per tiny layer at 3 x 228)."""
-    batch, n_head, length, head_dim = q.shape
-    q = q * np.float32(head_dim ** -0.5)
-    out = np.empty(q.shape, np.float32)
-    run_blocks([partial(_attend_block, q[b, h, rows], k[b, h].T, v[b, h], out[b, h, rows],
-                        None if mask is None else mask[min(b, mask.shape[0] - 1), 0, rows])
-                for b in range(batch) for h in range(n_head) for rows in _blocks(length, ATTENTION_BLOCK_ROWS)])
-    return out
+    return _attend_heads(q * np.float32(q.shape[-1] ** -0.5), k.swapaxes(-1, -2), v, mask)
 
 
 def cross_attention(q: np.ndarray, scaled_keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -122,14 +127,10 @@ def cross_attention(q: np.ndarray, scaled_keys_t: np.ndarray, values: np.ndarray
     (L = 1) is memory-bound, so it runs in one call on this thread: splitting its heads over the
     workers measured no faster. A prompt's first step (L up to ~225) is split into cache-sized blocks
     over the workers, as the encoder's attention is."""
-    batch, n_head, length, head_dim = q.shape
+    if q.shape[2] > 1:
+        return _attend_heads(q, scaled_keys_t, values, None)
     out = np.empty(q.shape, np.float32)
-    if length == 1:
-        _attend_block(q, scaled_keys_t, values, out)
-        return out
-    run_blocks([partial(_attend_block, q[b, h, rows], scaled_keys_t[b, h], values[b, h], out[b, h, rows])
-                for b in range(batch) for h in range(n_head)
-                for rows in _blocks(length, ATTENTION_BLOCK_ROWS)])
+    _attend_block(q, scaled_keys_t, values, out)
     return out
 
 
