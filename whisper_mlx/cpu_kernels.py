@@ -1,4 +1,4 @@
-"""numpy kernels for MLX's CPU backend: the encoder, and the decoder's cross-attention and logits.
+"""numpy kernels for MLX's CPU backend: the encoder, and the decoder's attention (prompts, cross-attention).
 
 MLX's CPU elementwise kernels are scalar and single-threaded: `exp` costs ~17 ns per element, so the
 softmax of one tiny encoder layer (6 x 1500 x 1500 scores) takes ~230 ms and its exact GELU ~65 ms.

@@ -70,10 +70,10 @@ def merge_heads(x: mx.array) -> mx.array:
 CPU_KERNEL_MIN_ELEMENTS = 1 << 18  # encoder-sized arrays; the decoder's are too small for the round trip
 
 
-def use_cpu_kernels(x: mx.array, min_elements: int | None = None) -> bool:
-    """Large float32 work on MLX's CPU backend goes to the numpy kernels (see cpu_kernels)."""
-    min_elements = CPU_KERNEL_MIN_ELEMENTS if min_elements is None else min_elements
-    return on_cpu() and x.dtype == mx.float32 and x.size >= min_elements
+def use_cpu_kernels(x: mx.array, size: int | None = None) -> bool:
+    """Large float32 work on MLX's CPU backend goes to the numpy kernels (see cpu_kernels); `size` is
+    the work's element count when it is not x's (e.g. attention scores)."""
+    return on_cpu() and x.dtype == mx.float32 and (x.size if size is None else size) >= CPU_KERNEL_MIN_ELEMENTS
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -88,7 +88,7 @@ def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.a
     if use_fused_attention():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     batch, n_head, length, _ = q.shape
-    if length > 1 and use_cpu_kernels(q, 0) and batch * n_head * length * k.shape[2] >= CPU_KERNEL_MIN_ELEMENTS:
+    if length > 1 and use_cpu_kernels(q, size=batch * n_head * length * k.shape[2]):  # the scores
         masks = None if mask is None else np.asarray(mask.astype(mx.float32))
         return mx.array(cpu_kernels.masked_attention(np.asarray(q), np.asarray(k), np.asarray(v), masks))
     scores = (q * scale) @ k.swapaxes(-1, -2)
