@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.normalize import word_error_rate
 from whisper_mlx import decoding
+from whisper_mlx.host_model import HostDecoder, host_decoder_for
 from whisper_mlx.load_models import get_cached_model, packaged_model_path
 
 DATA = Path(__file__).parent / "data"
@@ -49,13 +50,19 @@ class StageClock:
         setattr(owner, name, timed)
 
     def count_steps(self, model) -> None:
-        step = model.step
+        """Counts the decoder's forward calls by row count: MLX's and the numpy decoder's (CPU greedy)."""
+        step, host_hidden = model.step, HostDecoder.hidden
 
         def counted(tokens, state, keep=1):
             self.steps[tokens.shape[0]] += 1
             return step(tokens, state, keep)
 
+        def counted_host(decoder, tokens, state):
+            self.steps[tokens.shape[0]] += 1
+            return host_hidden(decoder, tokens, state)
+
         model.step = counted
+        HostDecoder.hidden = counted_host
 
 
 def profile_file(model, audio: Path, batch_size: int) -> dict:
@@ -73,23 +80,32 @@ def profile_file(model, audio: Path, batch_size: int) -> dict:
 
 
 def time_step(model, batch: int, repeats: int = 30) -> dict:
-    """Milliseconds of one decoding step at `batch` rows, 60 tokens into a window."""
+    """Milliseconds of one greedy decoding step at `batch` rows, 60 tokens into a window, on the path
+    transcribe takes: the numpy decoder on the CPU (float32), else MLX."""
     task = decoding.DecodingTask(model, decoding.DecodingOptions(language="en"))
-    features = mx.random.normal((batch, model.dims.n_audio_ctx, model.dims.n_audio_state))
-    state = model.new_state(features)
-    model.step(mx.array([task.sot_sequence("en")] * batch), state)
-    token = mx.array([[440]] * batch)
+    features = mx.random.normal((batch, model.dims.n_audio_ctx, model.dims.n_audio_state)).astype(model.dtype)
+    host = host_decoder_for(model)
+    hidden = mx.random.normal((batch, model.dims.n_text_state))
+    if host is not None:
+        state = host.new_state(features, np.zeros(batch, int), model.dims.n_text_ctx)
+        token, advance = np.array([[440]] * batch), lambda: host.hidden(token, state)
+        logits = host.logits(np.array(hidden))
+        parts = {"step": lambda: host.logits(advance()[:, -1]), "decoder blocks": advance,
+                 "logits": lambda: host.logits(np.array(hidden))}
+        prime = lambda tokens: host.hidden(np.array(tokens), state)  # noqa: E731
+    else:
+        state = model.new_state(features)
+        token = mx.array([[440]] * batch)
+        logits = model.decoder.host_logits(hidden)
+        parts = {"step": lambda: mx.eval(model.step(token, state)[0]),
+                 "decoder blocks": lambda: mx.eval(model.step(token, state)[1]),
+                 "logits": lambda: model.decoder.host_logits(hidden)}
+        prime = lambda tokens: mx.eval(model.step(mx.array(tokens), state)[1])  # noqa: E731
+    prime([task.sot_sequence("en")] * batch)
     for _ in range(60):
-        mx.eval(model.step(token, state)[0])
-    hidden = mx.random.normal((batch, 1, model.dims.n_text_state))
-    logits = model.decoder.host_logits(hidden[:, -1])
+        prime([[440]] * batch)
     history = decoding.TimestampHistory.empty(batch, np)
-    parts = {
-        "step": lambda: mx.eval(model.step(token, state)[0]),
-        "decoder blocks": lambda: mx.eval(model.step(token, state)[1]),
-        "logits": lambda: model.decoder.host_logits(hidden[:, -1]),
-        "greedy filters (numpy)": lambda: task.timestamp_rules.greedy(task.suppressor.apply(logits, 5), history, 5),
-    }
+    parts["greedy filters (numpy)"] = lambda: task.timestamp_rules.greedy(task.suppressor.apply(logits, 5), history, 5)
     out = {}
     for name, run in parts.items():
         run()

@@ -121,7 +121,7 @@ def test_greedy_host_and_device_filters_decode_alike(random_model, monkeypatch):
     assert any(r.tokens for r in got)
     for a, b in zip(got, other):
         assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-4)
-        assert a.no_speech_prob == pytest.approx(b.no_speech_prob)
+        assert a.no_speech_prob == pytest.approx(b.no_speech_prob, rel=1e-4)  # numpy vs MLX decoder: float32 sums
 
 
 def test_sampling_is_real_and_best_of_ranks():

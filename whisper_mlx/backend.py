@@ -84,6 +84,11 @@ def preload_blas() -> None:
     _state.update(blas=kind, blas_path=path, status="loaded")
 
 
+def preloaded_blas_path() -> str | None:
+    """The optimized BLAS loaded for MLX (also served to numpy arrays by host_blas), or None."""
+    return _state["blas_path"]
+
+
 def on_cpu() -> bool:
     """Whether MLX computes on its CPU backend (the numpy kernels and host paths serve it)."""
     import mlx.core as mx

@@ -19,6 +19,7 @@ import numpy as np
 from .audio import CHUNK_LENGTH, N_FRAMES
 from .backend import on_cpu
 from .errors import DecodingError
+from .host_model import HostDecoder, host_decoder_for
 from .tokenizer import Tokenizer, get_tokenizer
 from .whisper import Whisper
 
@@ -414,18 +415,26 @@ class DecodingTask:
             logits = self.timestamp_rules.apply(logits, history, n_sampled)
         return logits
 
-    def _prefill(self, features: mx.array, rows: list[list[int]]):
+    def _prefill(self, features: mx.array, rows: list[list[int]], on_host: bool):
         """Feed every row's initial tokens (left-padded); return logits of the last position,
         the no-speech probability at <|startoftranscript|>, and the decoder state."""
         length = max(len(r) for r in rows)
         pad = [length - len(r) for r in rows]
-        tokens = mx.array([[self.tokenizer.eot] * p + r for p, r in zip(pad, rows)], dtype=mx.int32)
-        state = self.model.new_state(features, mx.array(pad, dtype=mx.int32))
-        logits, hidden = self.model.step(tokens, state)
+        tokens = [[self.tokenizer.eot] * p + r for p, r in zip(pad, rows)]
         sot_index = length - len(self.sot_sequence(None)) - len(self.prefix)
+        host = host_decoder_for(self.model) if on_host else None
+        if host is not None:
+            state = host.new_state(features, np.array(pad), self.n_ctx)
+            hidden = host.hidden(np.array(tokens), state)
+            logits = host.logits(np.stack([hidden[:, -1], hidden[:, sot_index]]).reshape(-1, hidden.shape[-1]))
+            sot_logits = logits[len(rows):]
+            no_speech = np.exp(sot_logits[:, self.tokenizer.no_speech] - logsumexp(sot_logits))
+            return (host, logits[: len(rows)]), no_speech, state
+        state = self.model.new_state(features, mx.array(pad, dtype=mx.int32))
+        logits, hidden = self.model.step(mx.array(tokens, dtype=mx.int32), state)
         sot_logits = self.model.decoder.logits(hidden[:, sot_index])
         no_speech = mx.softmax(sot_logits, axis=-1)[:, self.tokenizer.no_speech]
-        return logits[:, -1], no_speech, state
+        return (None, logits[:, -1]), no_speech, state
 
     def _greedy_on_host(self, temperature: float) -> bool:
         """Greedy steps with timestamp rules run their filters in numpy on MLX's CPU backend: ~1 ms
@@ -458,8 +467,8 @@ class DecodingTask:
     def _decode_rows(self, features: mx.array, rows_tokens: list[list[int]], temperature: float):
         """Decode all rows; returns per-row sampled tokens (EOT excluded), sum logprobs, no-speech probs."""
         batch = len(rows_tokens)
-        logits, no_speech, state = self._prefill(features, rows_tokens)
         on_host = self._greedy_on_host(temperature)
+        (host, logits), no_speech, state = self._prefill(features, rows_tokens, on_host)
         rows = _Rows.start(batch, np if on_host else mx)
         done_tokens: dict[int, list[int]] = {}
         done_logprobs = np.zeros(batch, np.float64)
@@ -467,20 +476,23 @@ class DecodingTask:
         for step in range(max_steps):
             tokens = self._sample_step(logits, rows, temperature)
             if step + 1 < max_steps:
-                logits = self._next_logits(tokens, state, rows, on_host)
+                logits = self._next_logits(tokens, state, rows, on_host, host)
             finished = np.array(rows.finished)  # the one host sync of the step (a copy on the host path)
             if finished.all() or step + 1 == max_steps:
                 break
             if finished.sum() * 4 >= len(finished):  # drop finished rows so they stop costing compute
                 keep = self._retire(rows, finished, done_tokens, done_logprobs)
-                state.take(keep)
+                state.take(np.array(keep) if host is not None else keep)
                 logits = logits[np.array(keep)] if on_host else logits[keep]
         self._retire(rows, np.ones(len(rows.index), bool), done_tokens, done_logprobs)
         return [done_tokens[i] for i in range(batch)], done_logprobs, np.array(no_speech)
 
-    def _next_logits(self, tokens, state, rows: _Rows, on_host: bool):
-        """Feed the sampled tokens; the next step's logits, computed asynchronously on the device, or
-        on the host path waited for (the step's one sync) and computed in numpy from the hidden state."""
+    def _next_logits(self, tokens, state, rows: _Rows, on_host: bool, host: HostDecoder | None):
+        """Feed the sampled tokens; the next step's logits: computed asynchronously on the device, or on
+        the host path waited for (the step's one sync): from the numpy decoder where the model allows
+        it, else from MLX's hidden state."""
+        if host is not None:
+            return host.logits(host.hidden(tokens[:, None], state)[:, -1])
         if on_host:
             hidden = self.model.step(mx.array(tokens)[:, None], state, keep=0)[1][:, -1]
             return self.model.decoder.host_logits(hidden)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_kernels
+from . import cpu_kernels, host_blas
 from .backend import on_cpu
 
 
@@ -280,31 +280,24 @@ class TextDecoder(nn.Module):
         return on_cpu() and type(self.token_embedding) is nn.Embedding and weight.dtype == mx.float32
 
     def logits(self, hidden: mx.array) -> mx.array:
-        weight = self.token_embedding.weight
         if not self._cpu_float32_embedding():
             return self.token_embedding.as_linear(hidden).astype(mx.float32)
-        # On the CPU the logits are the largest read of a decoding step (the whole embedding). Which
-        # layout MKL/OpenBLAS stream fastest depends on the row count (tiny, ms per step):
-        # 1 row: x @ Wᵀ 10.8, x @ contiguous(Wᵀ) 4.3;  3 rows: 18.7, 10.8, (W @ xᵀ)ᵀ 8.6.
+        # On the CPU the logits are the largest read of a decoding step (the whole embedding); the BLAS
+        # streams it fastest transposed and contiguous (tiny, ms: 1 row x @ Wᵀ 10.8, x @ contiguous(Wᵀ)
+        # 4.3; 3 rows on a Xeon with MKL: (W @ xᵀ)ᵀ 6.7, x @ contiguous(Wᵀ) 3.2).
         rows = hidden.reshape(-1, hidden.shape[-1])
-        if rows.shape[0] <= 2:
-            out = rows @ self._transposed_embedding(weight)
-        else:
-            out = (weight @ rows.T).T
-        return out.reshape(*hidden.shape[:-1], -1)
+        return (rows @ self.transposed_embedding()).reshape(*hidden.shape[:-1], -1)
 
     def host_logits(self, hidden: mx.array) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state) as a numpy array, evaluated now
-        (one wait), for greedy steps on the CPU. Which library streams the transposed embedding fastest
-        depends on the row count. tiny, alice_ch1's greedy steps, median ms with the variants taking
-        turns within one run: 1 row numpy 5.4, MLX 7.7; 2 rows numpy 12.1, MLX 9.4; 3 rows numpy 10.9,
-        MLX 17.3, numpy split over two worker threads 17.3 (faster alone in a loop, slower here)."""
-        if hidden.shape[0] == 2 or not self._cpu_float32_embedding():
+        (one wait), for greedy steps on the CPU (see host_blas for why it calls the BLAS directly)."""
+        if not self._cpu_float32_embedding():
             return np.asarray(self.logits(hidden))
-        weight_t = self._transposed_embedding(self.token_embedding.weight)
-        return np.asarray(hidden) @ np.asarray(weight_t)
+        return host_blas.matmul(np.asarray(hidden, dtype=np.float32), np.asarray(self.transposed_embedding()))
 
-    def _transposed_embedding(self, weight: mx.array) -> mx.array:
+    def transposed_embedding(self, weight: mx.array | None = None) -> mx.array:
+        """The token embedding transposed, contiguous (n_state, n_vocab): made once, for the CPU logits."""
+        weight = self.token_embedding.weight if weight is None else weight
         if self._logits_cache is None or self._logits_cache[0] is not weight:  # weights replaced: redo
             self._logits_cache = (weight, mx.contiguous(weight.T))
         return self._logits_cache[1]

@@ -1,0 +1,115 @@
+"""The numpy decoder (greedy decoding on MLX's CPU backend) against the MLX decoder, and the direct BLAS
+calls against numpy."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from whisper_mlx import host_blas, host_model
+from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
+from whisper_mlx.decoding import DecodingOptions, DecodingTask
+from whisper_mlx.host_model import host_decoder_for
+from whisper_mlx.whisper import ModelDimensions, Whisper
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy decoder serves MLX's CPU backend only")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    mx.random.seed(3)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=51864, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2)
+    model = Whisper(dims)
+    model.update(model.parameters())
+    model.decoder.positional_embedding = mx.random.normal(model.decoder.positional_embedding.shape) * 0.1
+    return model
+
+
+def compare_steps(model, features: mx.array, pad: list[int], prompt_length: int, atol: float):
+    """Prefill left-padded rows, then a few single-token steps, in both decoders: hidden states and
+    logits must agree at every position."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50000, size=(len(pad), prompt_length))
+    for row, p in enumerate(pad):
+        tokens[row, :p] = 50256
+    host = host_decoder_for(model)
+    mlx_state = model.new_state(features, mx.array(pad, dtype=mx.int32))
+    host_state = host.new_state(features, np.array(pad), model.dims.n_text_ctx)
+    for step in range(4):
+        new = tokens if step == 0 else rng.integers(0, 50000, size=(len(pad), 1))
+        _, want = model.step(mx.array(new, dtype=mx.int32), mlx_state)
+        got = host.hidden(new, host_state)
+        np.testing.assert_allclose(got, np.array(want), atol=atol, rtol=1e-4)
+        want_logits = np.array(model.decoder.logits(want[:, -1]))
+        np.testing.assert_allclose(host.logits(got[:, -1]), want_logits, atol=atol, rtol=1e-4)
+    assert host_state.offset == mlx_state.offset
+
+
+def test_host_decoder_equals_mlx_decoder(small_model):
+    compare_steps(small_model, mx.random.normal((3, 1500, 64)), [0, 2, 5], 9, atol=1e-4)
+
+
+def test_host_decoder_equals_mlx_decoder_tiny_en(tiny_en, data_dir):
+    mel = pad_or_trim(log_mel_spectrogram(load_audio(str(data_dir / "jfk.flac"))), 3000, axis=0)
+    features = tiny_en.embed_audio(mel[None])
+    compare_steps(tiny_en, mx.concatenate([features, features]), [0, 4], 12, atol=2e-3)
+
+
+def test_host_and_mlx_decoders_decode_alike(small_model, monkeypatch):
+    """Whole greedy decodes, rows finishing at different steps (compaction), prompts of different
+    lengths: the same tokens and log probabilities from both decoders."""
+    model = Whisper(small_model.dims)
+    model.update(small_model.parameters())
+    embedding = np.array(model.decoder.token_embedding.weight)
+    embedding[50256] = np.random.default_rng(2).standard_normal(64) * 0.4  # EOT now wins at random steps
+    model.decoder.token_embedding.weight = mx.array(embedding)
+    features = mx.random.normal((6, 1500, 64), key=mx.random.key(11))
+    task = DecodingTask(model, DecodingOptions(language="en", sample_len=24))
+    prompts = [None, "a prompt of some words", "short", None, None, "another prompt"]
+    calls = []
+    real = host_model.HostDecoder.hidden
+    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a: calls.append(1) or real(self, *a))
+    got = task.run(features, prompts)
+    assert calls, "greedy decoding on the CPU must use the numpy decoder"
+    monkeypatch.setattr("whisper_mlx.decoding.host_decoder_for", lambda model: None)
+    want = task.run(features, prompts)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    lengths = [len(r.tokens) for r in got]
+    assert len(set(lengths)) > 2 and max(lengths) > min(lengths) + 3, f"rows should finish at different steps: {lengths}"
+    for a, b in zip(got, want):
+        assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-4)
+        assert a.no_speech_prob == pytest.approx(b.no_speech_prob, abs=1e-5)
+
+
+def test_host_decoder_follows_replaced_weights(small_model):
+    first = host_decoder_for(small_model)
+    assert host_decoder_for(small_model) is first  # built once
+    old = small_model.decoder.blocks[0].mlp1.weight
+    try:
+        small_model.decoder.blocks[0].mlp1.weight = old * 2
+        rebuilt = host_decoder_for(small_model)
+        assert rebuilt is not first
+        np.testing.assert_array_equal(rebuilt.layers[0].mlp1.weight, np.array(old * 2))
+    finally:
+        small_model.decoder.blocks[0].mlp1.weight = old
+
+
+def test_quantized_decoder_stays_on_mlx(small_model):
+    model = Whisper(small_model.dims)
+    model.update(small_model.parameters())
+    nn.quantize(model.decoder, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+    assert host_decoder_for(model) is None
+    assert host_decoder_for(small_model) is not None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 300])
+def test_blas_matmul_equals_numpy(rows):
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 96), dtype=np.float32)
+    weight = rng.standard_normal((130, 96), dtype=np.float32)
+    for b in (weight.T, np.ascontiguousarray(weight.T), weight.T[:, ::2]):  # a view, contiguous, strided
+        np.testing.assert_allclose(host_blas.matmul(x, b), x.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(host_blas.matmul(x[:, :50], weight[:, :50].T), x[:, :50] @ weight[:, :50].T,
+                               rtol=1e-4, atol=1e-4)  # row strides longer than the rows
+

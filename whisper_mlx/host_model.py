@@ -1,0 +1,263 @@
+"""The Whisper text decoder in numpy, for greedy decoding on MLX's CPU backend.
+
+One decoding step of a Whisper decoder is ~25 small operations per layer on a handful of rows. As MLX
+ops on the CPU each goes through MLX's scheduler (and the numpy cross-attention kernel made the step
+wait for MLX once per layer); the same step in numpy, on the calling thread, is a few BLAS calls on
+views of the model's own weights (zero-copy, except the fused Q/K/V projection). Only float32 models
+with plain (not quantized) layers take this path: see `host_decoder_for`.
+
+The state mirrors `whisper.DecoderState`: a preallocated self-attention cache written in place, the
+cross-attention keys/values computed once per window (by `cpu_kernels.cross_keys_values`, in the
+layouts the steps read), and each row's left padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import cpu_kernels, host_blas
+from .backend import on_cpu
+
+NEG_INF = np.float32(-np.inf)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    centered = x - x.mean(axis=-1, keepdims=True)
+    variance = np.square(centered).mean(axis=-1, keepdims=True)
+    centered *= 1 / np.sqrt(variance + np.float32(eps))
+    centered *= weight
+    centered += bias
+    return centered
+
+
+def affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """x Wᵀ + b with W as nn.Linear stores it, (out, in): the BLAS reads the transposed view."""
+    out = host_blas.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    if bias is not None:
+        out += bias
+    return out
+
+
+def softmax_attend(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """softmax(scores) values, over the last axis of the scores."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    out = scores @ values
+    out /= scores.sum(axis=-1, keepdims=True)
+    return out
+
+
+def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
+    batch, length, width = x.shape
+    return x.reshape(batch, length, n_head, width // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    batch, n_head, length, head_dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, length, n_head * head_dim)
+
+
+def _np(array: mx.array | None) -> np.ndarray | None:
+    return None if array is None else np.asarray(array)
+
+
+@dataclass(frozen=True)
+class HostLinear:
+    weight: np.ndarray  # (out, in), a view of the MLX parameter
+    bias: np.ndarray | None
+
+    @classmethod
+    def of(cls, layer: nn.Linear) -> "HostLinear":
+        return cls(_np(layer.weight), _np(layer.bias) if "bias" in layer else None)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return affine(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class HostNorm:
+    weight: np.ndarray
+    bias: np.ndarray
+    eps: float
+
+    @classmethod
+    def of(cls, norm: nn.LayerNorm) -> "HostNorm":
+        return cls(_np(norm.weight), _np(norm.bias), norm.eps)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def fused_qkv(attn) -> HostLinear:
+    """The query, key and value projections stacked into one (3 n_state, n_state) projection (the key
+    has no bias: zeros)."""
+    width = attn.query.weight.shape[0]
+    biases = [_np(attn.query.bias), np.zeros(width, np.float32), _np(attn.value.bias)]
+    return HostLinear(np.concatenate([_np(attn.query.weight), _np(attn.key.weight), _np(attn.value.weight)]),
+                      np.concatenate(biases))
+
+
+def parameter_arrays(module) -> list[mx.array]:
+    return [array for _, array in tree_flatten(module.parameters())]
+
+
+@dataclass(frozen=True)
+class HostLayer:
+    """One decoder block's weights as numpy views (Q/K/V fused into one projection)."""
+
+    n_head: int
+    attn_ln: HostNorm
+    qkv: HostLinear  # query, key and value projections stacked: (3 n_state, n_state)
+    attn_out: HostLinear
+    cross_ln: HostNorm
+    cross_query: HostLinear
+    cross_out: HostLinear
+    cross_key_weight: np.ndarray
+    cross_value: HostLinear
+    mlp_ln: HostNorm
+    mlp1: HostLinear
+    mlp2: HostLinear
+
+    @classmethod
+    def of(cls, block) -> "HostLayer":
+        attn, cross = block.attn, block.cross_attn
+        return cls(attn.n_head, HostNorm.of(block.attn_ln), fused_qkv(attn), HostLinear.of(attn.out),
+                   HostNorm.of(block.cross_attn_ln), HostLinear.of(cross.query), HostLinear.of(cross.out),
+                   _np(cross.key.weight), HostLinear.of(cross.value), HostNorm.of(block.mlp_ln),
+                   HostLinear.of(block.mlp1), HostLinear.of(block.mlp2))
+
+    def cross_cache(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys scaled and transposed (B, H, D, T), values (B, H, T, D)) of encoded windows."""
+        return cpu_kernels.cross_keys_values(audio, self.cross_key_weight, self.cross_value.weight,
+                                             self.cross_value.bias, self.n_head)
+
+    def __call__(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None):
+        x = x + self.self_attention(self.attn_ln(x), state, index, mask)
+        query = split_heads(self.cross_query(self.cross_ln(x)), self.n_head)
+        x = x + self.cross_out(merge_heads(cpu_kernels.cross_attention(query, *state.cross_kv[index])))
+        hidden = self.mlp_ln(x)
+        if hidden.shape[0] * hidden.shape[1] > cpu_kernels.MLP_BLOCK_ROWS:  # a prompt: blocks over the workers
+            return x + cpu_kernels.mlp(hidden, self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
+        return x + self.mlp2(cpu_kernels.gelu(self.mlp1(hidden)))
+
+    def self_attention(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None):
+        q, k, v = np.split(split_heads(self.qkv(x), 3 * self.n_head), 3, axis=1)
+        keys, values = state.append(index, k, v)
+        scale = np.float32(q.shape[-1] ** -0.5)
+        if q.shape[2] > 1:  # a prompt: cache-sized blocks over the workers
+            return self.attn_out(merge_heads(cpu_kernels.masked_attention(q, keys, values, mask)))
+        scores = (q * scale) @ keys.swapaxes(-1, -2)
+        if mask is not None:
+            scores += mask
+        return self.attn_out(merge_heads(softmax_attend(scores, values)))
+
+
+class HostDecoder:
+    """The decoder's weights as numpy views, and its forward pass over a HostDecoderState."""
+
+    def __init__(self, decoder):
+        self.sources = parameter_arrays(decoder)
+        self.token_embedding = _np(decoder.token_embedding.weight)  # (n_vocab, n_state)
+        self.positional_embedding = _np(decoder.positional_embedding)
+        self.layers = [HostLayer.of(block) for block in decoder.blocks]
+        self.ln = HostNorm.of(decoder.ln)
+        # (n_state, n_vocab), contiguous: the layout the BLAS streams fastest for a few rows
+        self.embedding_t = _np(decoder.transposed_embedding())
+
+    def new_state(self, audio_features: mx.array, pad: np.ndarray, max_len: int) -> "HostDecoderState":
+        audio = np.ascontiguousarray(np.asarray(audio_features), dtype=np.float32)
+        cross_kv = [layer.cross_cache(audio) for layer in self.layers]
+        head = self.layers[0]
+        return HostDecoderState(cross_kv, np.asarray(pad, np.int64), head.n_head,
+                                head.attn_out.weight.shape[0] // head.n_head, max_len)
+
+    def hidden(self, tokens: np.ndarray, state: "HostDecoderState") -> np.ndarray:
+        """Final-layer-normed hidden states (B, L, n_state) of new tokens (B, L); updates the caches."""
+        length = tokens.shape[1]
+        positions = np.maximum(np.arange(state.offset, state.offset + length)[None, :] - state.pad[:, None], 0)
+        x = self.token_embedding[tokens] + self.positional_embedding[positions]
+        mask = state.mask(length)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, state, index, mask)
+        state.offset += length
+        return self.ln(x)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
+        80 MB; MKL ~1.9 ms for 1-3 rows, numpy's OpenBLAS ~12 ms for 3)."""
+        return host_blas.matmul(np.ascontiguousarray(hidden), self.embedding_t)
+
+
+class HostDecoderState:
+    """Per batch of windows: self-attention caches (preallocated, written in place), cross-attention
+    keys/values, and the left padding of each row's prompt."""
+
+    def __init__(self, cross_kv: list, pad: np.ndarray, n_head: int, head_dim: int, max_len: int):
+        batch = pad.shape[0]
+        self.keys = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
+        self.values = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
+        self.cross_kv = cross_kv
+        self.pad = pad
+        self.offset = 0
+
+    def append(self, index: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write the new keys/values of layer `index` after the cached ones; return all of them."""
+        end = self.offset + k.shape[2]
+        if end > self.keys[index].shape[2]:
+            raise ValueError(f"decoder context overflow: {end} > {self.keys[index].shape[2]} positions")
+        self.keys[index][:, :, self.offset : end] = k
+        self.values[index][:, :, self.offset : end] = v
+        return self.keys[index][:, :, :end], self.values[index][:, :, :end]
+
+    def mask(self, length: int) -> np.ndarray | None:
+        """Additive (1 or B, 1, L, offset + L) mask: causal within the new tokens, and real tokens never
+        attend to a row's left padding (padding positions still see themselves: no all -inf row)."""
+        total = self.offset + length
+        queries = np.arange(self.offset, total)
+        blocked = np.zeros((1, length, total), bool)
+        if length > 1:
+            blocked = blocked | (np.arange(total)[None, None, :] > queries[None, :, None])
+        if self.pad.any():
+            padded_key = np.arange(total)[None, None, :] < self.pad[:, None, None]
+            blocked = blocked | (padded_key & (queries[None, :, None] >= self.pad[:, None, None]))
+        if not blocked.any():
+            return None
+        return np.where(blocked, NEG_INF, np.float32(0))[:, None]
+
+    def take(self, rows: np.ndarray) -> None:
+        """Keep only `rows` (compaction after rows finish)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.cross_kv = [(keys_t[rows], values[rows]) for keys_t, values in self.cross_kv]
+        self.pad = self.pad[rows]
+
+
+def _plain_float32(decoder) -> bool:
+    layers = [m for _, m in decoder.named_modules() if isinstance(m, nn.Linear) or "Quantized" in type(m).__name__]
+    return (all(type(m) is nn.Linear for m in layers) and type(decoder.token_embedding) is nn.Embedding
+            and decoder.token_embedding.weight.dtype == mx.float32)
+
+
+def _cached(module, attribute: str, build):
+    """module's numpy twin, built once (views, not copies) and rebuilt if its parameters are replaced."""
+    cached = getattr(module, attribute, None)
+    if cached is not None:
+        current = parameter_arrays(module)
+        if len(current) == len(cached.sources) and all(a is b for a, b in zip(current, cached.sources)):
+            return cached
+    cached = build(module)
+    setattr(module, attribute, cached)  # a plain attribute (not an array): never a parameter
+    return cached
+
+
+def host_decoder_for(model) -> HostDecoder | None:
+    """The model's numpy decoder when MLX computes on the CPU in float32 with plain layers, else None."""
+    decoder = model.decoder
+    if not on_cpu() or not _plain_float32(decoder):
+        return None
+    return _cached(decoder, "_host_decoder", HostDecoder)
