@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from whisper_mlx import cpu_kernels, whisper
+from whisper_mlx import cpu_kernels, host_blas, whisper
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 
 needs_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy kernels serve MLX's CPU backend only")
@@ -43,7 +43,17 @@ def test_attention_equals_reference(threads, length):
     np.testing.assert_allclose(got, reference_attention(q, k, v, 3), rtol=1e-5, atol=1e-5)
 
 
-def test_gelu_equals_exact_erf_gelu(threads):
+@pytest.fixture(params=["mkl", "numpy"])
+def gelu_impl(request, monkeypatch):
+    """Φ from MKL's vector math library, or the numpy erf approximation (no MKL preloaded)."""
+    if request.param == "mkl" and not host_blas.has_normal_cdf():
+        pytest.skip("needs MKL's vector math (vmsCdfNorm) preloaded")
+    if request.param == "numpy":
+        monkeypatch.setattr(host_blas, "has_normal_cdf", lambda: False)
+    return request.param
+
+
+def test_gelu_equals_exact_erf_gelu(threads, gelu_impl):
     x = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, -0.0, 1e-30, -1e-30]]).astype(np.float32)
     exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
     got = cpu_kernels.gelu(x.reshape(5, -1)).reshape(-1)
@@ -52,6 +62,19 @@ def test_gelu_equals_exact_erf_gelu(threads):
     np.testing.assert_allclose(got[near], exact[near], rtol=1e-5)
     mlx_gelu = np.array(nn.gelu(mx.array(x)))
     assert np.abs(got - exact).max() <= np.abs(mlx_gelu - exact).max() + 1e-7
+
+
+def test_gelu_outputs_stay_out_of_the_denormal_range(gelu_impl):
+    """Large negative inputs (the last tiny.en encoder layer reaches -100) must not give denormal outputs:
+    a matrix product of them ran ~10x slower. Their outputs stay ~0, as the exact GELU's are."""
+    x = np.linspace(-200, 200, 400_001).astype(np.float32)
+    got = cpu_kernels.gelu(x)
+    magnitude = np.abs(got[got != 0])
+    assert magnitude.min() > 1e-25
+    exact = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=5e-7)
+    weights = np.full((1, 64), 1e-3, np.float32)  # products with small weights stay normal floats too
+    assert np.abs(got[:, None] * weights)[got != 0].min() > np.finfo(np.float32).tiny
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

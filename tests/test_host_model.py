@@ -82,6 +82,26 @@ def test_host_and_mlx_decoders_decode_alike(small_model, monkeypatch):
         assert a.no_speech_prob == pytest.approx(b.no_speech_prob, abs=1e-5)
 
 
+def test_sampled_decoding_uses_the_host_decoder_alike(small_model, monkeypatch):
+    """Temperature sampling (the fallback ladder's rungs, best_of candidates) also runs its forward passes
+    in the numpy decoder, with MLX's filters and sampler: the same draws as the MLX decoder."""
+    features = mx.random.normal((2, 1500, 64), key=mx.random.key(5))
+    task = DecodingTask(small_model, DecodingOptions(language="en", sample_len=12, temperature=0.7, best_of=2))
+    calls = []
+    real = host_model.HostDecoder.hidden
+    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a: calls.append(1) or real(self, *a))
+    mx.random.seed(21)
+    got = task.run(features, [None, "some words"])
+    assert calls
+    monkeypatch.setattr("whisper_mlx.decoding.host_decoder_for", lambda model: None)
+    mx.random.seed(21)
+    want = task.run(features, [None, "some words"])
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert all(r.tokens for r in got)
+    for a, b in zip(got, want):
+        assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-4)
+
+
 def test_host_decoder_follows_replaced_weights(small_model):
     first = host_decoder_for(small_model)
     assert host_decoder_for(small_model) is first  # built once

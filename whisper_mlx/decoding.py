@@ -416,20 +416,23 @@ class DecodingTask:
         return logits
 
     def _prefill(self, features: mx.array, rows: list[list[int]], on_host: bool):
-        """Feed every row's initial tokens (left-padded); return logits of the last position,
-        the no-speech probability at <|startoftranscript|>, and the decoder state."""
+        """Feed every row's initial tokens (left-padded); return (the numpy decoder or None, logits of
+        the last position), the no-speech probability at <|startoftranscript|>, and the decoder state.
+        On MLX's CPU backend in float32 the numpy decoder runs every step (see host_model); its logits
+        go back to MLX unless the filters run in numpy too (on_host)."""
         length = max(len(r) for r in rows)
         pad = [length - len(r) for r in rows]
         tokens = [[self.tokenizer.eot] * p + r for p, r in zip(pad, rows)]
         sot_index = length - len(self.sot_sequence(None)) - len(self.prefix)
-        host = host_decoder_for(self.model) if on_host else None
+        host = host_decoder_for(self.model)
         if host is not None:
             state = host.new_state(features, np.array(pad), self.n_ctx)
             hidden = host.hidden(np.array(tokens), state)
             logits = host.logits(np.stack([hidden[:, -1], hidden[:, sot_index]]).reshape(-1, hidden.shape[-1]))
             sot_logits = logits[len(rows):]
             no_speech = np.exp(sot_logits[:, self.tokenizer.no_speech] - logsumexp(sot_logits))
-            return (host, logits[: len(rows)]), no_speech, state
+            last = logits[: len(rows)]
+            return (host, last if on_host else mx.array(last)), no_speech, state
         state = self.model.new_state(features, mx.array(pad, dtype=mx.int32))
         logits, hidden = self.model.step(mx.array(tokens, dtype=mx.int32), state)
         sot_logits = self.model.decoder.logits(hidden[:, sot_index])
@@ -488,11 +491,12 @@ class DecodingTask:
         return [done_tokens[i] for i in range(batch)], done_logprobs, np.array(no_speech)
 
     def _next_logits(self, tokens, state, rows: _Rows, on_host: bool, host: HostDecoder | None):
-        """Feed the sampled tokens; the next step's logits: computed asynchronously on the device, or on
-        the host path waited for (the step's one sync): from the numpy decoder where the model allows
-        it, else from MLX's hidden state."""
+        """Feed the sampled tokens; the next step's logits: from the numpy decoder where the model allows
+        it (waited for: the step's one sync), else computed asynchronously on the device, or for the
+        numpy filters from MLX's hidden state."""
         if host is not None:
-            return host.logits(host.hidden(tokens[:, None], state)[:, -1])
+            logits = host.logits(host.hidden(np.asarray(tokens)[:, None], state)[:, -1])
+            return logits if on_host else mx.array(logits)
         if on_host:
             hidden = self.model.step(mx.array(tokens)[:, None], state, keep=0)[1][:, -1]
             return self.model.decoder.host_logits(hidden)
