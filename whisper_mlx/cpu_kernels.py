@@ -73,14 +73,29 @@ def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, length, size)]
 
 
+SOFTMAX_UNSHIFTED_MAX = 60.0  # exp(60) ~ 1e26: sums of 1500 such terms stay far below float32's 3.4e38
+
+
 def _attend_block(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndarray,
                   mask: np.ndarray | None = None) -> None:
-    """out = softmax(q keys_t + mask) v, for one block or a stack of blocks."""
+    """out = softmax(q keys_t + mask) v, for one block or a stack of blocks.
+
+    When every row's largest score is in [0, SOFTMAX_UNSHIFTED_MAX), exp takes the scores unshifted
+    (softmax is shift-invariant; no overflow, and no exponent falls lower than the shifted one would, so
+    no new denormals): one pass fewer. When v carries a trailing column of ones (the encoder's values,
+    see `attention`), the product with it gives each row's sum too: no summing pass (~0.15 ms of ~1.1
+    per 256-row block)."""
     scores = q @ keys_t
     if mask is not None:
         scores += mask
-    scores -= scores.max(axis=-1, keepdims=True)
+    top = scores.max(axis=-1, keepdims=True)
+    if not (0 <= top.min() and top.max() < SOFTMAX_UNSHIFTED_MAX):
+        scores -= top
     np.exp(scores, out=scores)
+    if v.shape[-1] == out.shape[-1] + 1:
+        weighted = scores @ v
+        np.divide(weighted[..., :-1], weighted[..., -1:], out=out)
+        return
     total = scores.sum(axis=-1, keepdims=True)
     np.matmul(scores, v, out=out)
     out /= total
@@ -92,13 +107,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
     batch, length, width = q.shape
     head_dim = width // n_head
     q = q * np.float32(head_dim ** -0.5)
-    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    k = np.ascontiguousarray(k)
     out = np.empty_like(q)
     tasks = []
     for b in range(batch):
         for h in range(n_head):
             cols = slice(h * head_dim, (h + 1) * head_dim)
-            key, value = np.ascontiguousarray(k[b, :, cols]), np.ascontiguousarray(v[b, :, cols])
+            key = np.ascontiguousarray(k[b, :, cols])
+            value = np.ones((v.shape[1], head_dim + 1), np.float32)  # the ones column sums each softmax row
+            value[:, :head_dim] = v[b, :, cols]
             for rows in _blocks(length, ATTENTION_BLOCK_ROWS):
                 tasks.append(partial(_attend_block, q[b, rows, cols], key.T, value, out[b, rows, cols]))
     run_blocks(tasks)
