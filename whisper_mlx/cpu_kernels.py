@@ -148,8 +148,14 @@ def cross_attention(q: np.ndarray, scaled_keys_t: np.ndarray, values: np.ndarray
     over the workers, as the encoder's attention is."""
     if q.shape[2] > 1:
         return _attend_heads(q, scaled_keys_t, values, None)
+    return attend(q, scaled_keys_t, values)
+
+
+def attend(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """softmax(q keys_t + mask) values over stacks (..., L, D), (..., D, S), (..., S, D), in one call
+    on this thread: a decoding step's attention, memory-bound."""
     out = np.empty(q.shape, np.float32)
-    _attend_block(q, scaled_keys_t, values, out)
+    _attend_block(q, keys_t, values, out, mask)
     return out
 
 

@@ -447,10 +447,6 @@ class DecodingTask:
     def _sample_step(self, logits: mx.array, rows: _Rows, temperature: float) -> mx.array:
         """Filter, select and record one token per row; returns the tokens to feed next."""
         n_sampled = len(rows.sampled)
-        if isinstance(rows.finished, np.ndarray):
-            # C order for fast row reductions (the prefill's CPU logits of several rows arrive
-            # transposed, see TextDecoder.logits); the first step's host sync
-            logits = np.ascontiguousarray(logits)
         if temperature == 0 and self.timestamp_rules is not None:
             logits = self.suppressor.apply(logits, n_sampled)
             tokens, chosen = self.timestamp_rules.greedy(logits, rows.history, n_sampled)

@@ -1,4 +1,4 @@
-"""The Whisper text decoder in numpy, for greedy decoding on MLX's CPU backend.
+"""The Whisper text decoder in numpy, for decoding on MLX's CPU backend (greedy and sampled).
 
 One decoding step of a Whisper decoder is ~25 small operations per layer on a handful of rows. As MLX
 ops on the CPU each goes through MLX's scheduler (and the numpy cross-attention kernel made the step
@@ -40,15 +40,6 @@ def affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.nda
     out = host_blas.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         out += bias
-    return out
-
-
-def softmax_attend(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """softmax(scores) values, over the last axis of the scores."""
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    out = scores @ values
-    out /= scores.sum(axis=-1, keepdims=True)
     return out
 
 
@@ -143,18 +134,15 @@ class HostLayer:
         hidden = self.mlp_ln(x)
         if hidden.shape[0] * hidden.shape[1] > cpu_kernels.MLP_BLOCK_ROWS:  # a prompt: blocks over the workers
             return x + cpu_kernels.mlp(hidden, self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
-        return x + self.mlp2(cpu_kernels.gelu(self.mlp1(hidden)))
+        return x + self.mlp2(cpu_kernels.gelu(self.mlp1(hidden)))  # a step's few rows: MKL's products
 
     def self_attention(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None):
         q, k, v = np.split(split_heads(self.qkv(x), 3 * self.n_head), 3, axis=1)
         keys, values = state.append(index, k, v)
-        scale = np.float32(q.shape[-1] ** -0.5)
         if q.shape[2] > 1:  # a prompt: cache-sized blocks over the workers
             return self.attn_out(merge_heads(cpu_kernels.masked_attention(q, keys, values, mask)))
-        scores = (q * scale) @ keys.swapaxes(-1, -2)
-        if mask is not None:
-            scores += mask
-        return self.attn_out(merge_heads(softmax_attend(scores, values)))
+        scaled = q * np.float32(q.shape[-1] ** -0.5)
+        return self.attn_out(merge_heads(cpu_kernels.attend(scaled, keys.swapaxes(-1, -2), values, mask)))
 
 
 class HostDecoder:

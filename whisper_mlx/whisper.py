@@ -295,9 +295,9 @@ class TextDecoder(nn.Module):
             return np.asarray(self.logits(hidden))
         return host_blas.matmul(np.asarray(hidden, dtype=np.float32), np.asarray(self.transposed_embedding()))
 
-    def transposed_embedding(self, weight: mx.array | None = None) -> mx.array:
+    def transposed_embedding(self) -> mx.array:
         """The token embedding transposed, contiguous (n_state, n_vocab): made once, for the CPU logits."""
-        weight = self.token_embedding.weight if weight is None else weight
+        weight = self.token_embedding.weight
         if self._logits_cache is None or self._logits_cache[0] is not weight:  # weights replaced: redo
             self._logits_cache = (weight, mx.contiguous(weight.T))
         return self._logits_cache[1]
