@@ -115,14 +115,21 @@ def test_mlp_equals_reference(threads):
 
 @needs_cpu
 @pytest.mark.parametrize("model_name", ["tiny_en", "base_model"])  # 6 heads x 64, 8 heads x 64
-def test_encoder_with_cpu_kernels_equals_mlx_ops(model_name, data_dir, monkeypatch, request):
+def test_cpu_encoders_equal_mlx_ops(model_name, data_dir, monkeypatch, request):
+    """The numpy encoder (what embed_audio runs on the CPU) and MLX's modules with the numpy kernels (the
+    CPU path of quantized models) against MLX's own ops."""
+    from whisper_mlx.host_model import host_encoder_for
+
     model = request.getfixturevalue(model_name)
     mel = mx.array(pad_or_trim(np.array(log_mel_spectrogram(load_audio(str(data_dir / "jfk.flac")))), 3000, axis=0))
-    fast = np.array(model.embed_audio(mel[None]))
+    assert host_encoder_for(model) is not None
+    host = np.array(model.embed_audio(mel[None]))
+    with_kernels = np.array(model.encoder(mel[None]))
     monkeypatch.setattr(whisper, "CPU_KERNEL_MIN_ELEMENTS", 1 << 62)  # every op back on MLX
-    plain = np.array(model.embed_audio(mel[None]))
-    np.testing.assert_allclose(fast, plain, rtol=1e-3, atol=2e-3)  # float32 sums in another order
-    assert np.abs(fast - plain).mean() < 1e-5
+    plain = np.array(model.encoder(mel[None]))
+    for fast in (host, with_kernels):
+        np.testing.assert_allclose(fast, plain, rtol=1e-3, atol=2e-3)  # float32 sums in another order
+        assert np.abs(fast - plain).mean() < 1e-5
 
 
 @needs_cpu

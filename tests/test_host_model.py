@@ -1,5 +1,4 @@
-"""The numpy decoder (greedy decoding on MLX's CPU backend) against the MLX decoder, and the direct BLAS
-calls against numpy."""
+"""The numpy model (MLX's CPU backend) against MLX's modules, and the direct BLAS calls against numpy."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,7 +8,7 @@ import pytest
 from whisper_mlx import host_blas, host_model
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.decoding import DecodingOptions, DecodingTask
-from whisper_mlx.host_model import host_decoder_for
+from whisper_mlx.host_model import host_decoder_for, host_encoder_for
 from whisper_mlx.whisper import ModelDimensions, Whisper
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy decoder serves MLX's CPU backend only")
@@ -115,12 +114,14 @@ def test_host_decoder_follows_replaced_weights(small_model):
         small_model.decoder.blocks[0].mlp1.weight = old
 
 
-def test_quantized_decoder_stays_on_mlx(small_model):
+def test_quantized_layers_stay_on_mlx(small_model):
     model = Whisper(small_model.dims)
     model.update(small_model.parameters())
-    nn.quantize(model.decoder, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
-    assert host_decoder_for(model) is None
-    assert host_decoder_for(small_model) is not None
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+    assert host_decoder_for(model) is None and host_encoder_for(model) is None
+    assert host_decoder_for(small_model) is not None and host_encoder_for(small_model) is not None
+    features = model.embed_audio(mx.zeros((1, 3000, 80)))  # MLX's modules serve the quantized encoder
+    assert features.shape == (1, 1500, 64)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 300])

@@ -1,14 +1,21 @@
-"""The Whisper text decoder in numpy, for decoding on MLX's CPU backend (greedy and sampled).
+"""The Whisper model in numpy for MLX's CPU backend: the audio encoder, and the text decoder (greedy and
+sampled decoding).
+
+MLX's CPU elementwise kernels are scalar and single-threaded, and every hop between an MLX graph and the
+numpy kernels of cpu_kernels is a wait. The encoder here is numpy from the mel on: the convolutions as
+matrix products of shifted views, one fused Q/K/V product, the blocked threaded kernels, numpy layer
+norms (one tiny.en window: 326 ms as MLX ops with the kernels, 299 ms here).
 
 One decoding step of a Whisper decoder is ~25 small operations per layer on a handful of rows. As MLX
 ops on the CPU each goes through MLX's scheduler (and the numpy cross-attention kernel made the step
 wait for MLX once per layer); the same step in numpy, on the calling thread, is a few BLAS calls on
-views of the model's own weights (zero-copy, except the fused Q/K/V projection). Only float32 models
-with plain (not quantized) layers take this path: see `host_decoder_for`.
-
-The state mirrors `whisper.DecoderState`: a preallocated self-attention cache written in place, the
+views of the model's own weights (zero-copy, except the fused Q/K/V projection). The decoder state
+mirrors `whisper.DecoderState`: a preallocated self-attention cache written in place, the
 cross-attention keys/values computed once per window (by `cpu_kernels.cross_keys_values`, in the
 layouts the steps read), and each row's left padding.
+
+Only float32 models with plain (not quantized) layers take these paths: see `host_encoder_for` and
+`host_decoder_for`; the others keep MLX's modules.
 """
 
 from __future__ import annotations
@@ -145,6 +152,65 @@ class HostLayer:
         return self.attn_out(merge_heads(cpu_kernels.attend(scaled, keys.swapaxes(-1, -2), values, mask)))
 
 
+@dataclass(frozen=True)
+class HostEncoderLayer:
+    """One encoder block's weights as numpy views (Q/K/V fused into one projection)."""
+
+    n_head: int
+    attn_ln: HostNorm
+    qkv: HostLinear
+    attn_out: HostLinear
+    mlp_ln: HostNorm
+    mlp1: HostLinear
+    mlp2: HostLinear
+
+    @classmethod
+    def of(cls, block) -> "HostEncoderLayer":
+        return cls(block.attn.n_head, HostNorm.of(block.attn_ln), fused_qkv(block.attn), HostLinear.of(block.attn.out),
+                   HostNorm.of(block.mlp_ln), HostLinear.of(block.mlp1), HostLinear.of(block.mlp2))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        q, k, v = np.split(self.qkv(self.attn_ln(x)), 3, axis=-1)
+        x += self.attn_out(cpu_kernels.attention(q, k, v, self.n_head))
+        x += cpu_kernels.mlp(self.mlp_ln(x), self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
+        return x
+
+
+def conv1d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int) -> np.ndarray:
+    """Conv1d with padding 1 over (B, T, C_in), weight (C_out, k, C_in) as MLX stores it: one matrix
+    product of the k shifted (and strided) views side by side."""
+    kernel = weight.shape[1]
+    padded = np.pad(x, ((0, 0), (1, 1), (0, 0)))
+    length = (x.shape[1] + 2 - kernel) // stride + 1
+    columns = np.concatenate([padded[:, i : i + stride * (length - 1) + 1 : stride] for i in range(kernel)], axis=-1)
+    return affine(columns, weight.reshape(weight.shape[0], -1), bias)
+
+
+class HostEncoder:
+    """The audio encoder's weights as numpy views (Q/K/V fused: a copy), and its forward pass."""
+
+    def __init__(self, encoder):
+        self.sources = parameter_arrays(encoder)
+        self.convs = [(_np(conv.weight), _np(conv.bias) if "bias" in conv else None, conv.stride)
+                      for conv in (encoder.conv1, encoder.conv2)]
+        self.positional_embedding = _np(encoder._positional_embedding)
+        self.layers = [HostEncoderLayer.of(block) for block in encoder.blocks]
+        self.ln_post = HostNorm.of(encoder.ln_post)
+
+    def __call__(self, mel: np.ndarray) -> np.ndarray:
+        """mel (B, n_frames, n_mels) -> audio features (B, n_frames // 2, n_state)."""
+        x = np.ascontiguousarray(mel, dtype=np.float32)
+        for weight, bias, stride in self.convs:
+            x = cpu_kernels.gelu(conv1d(x, weight, bias, stride))
+        if x.shape[1] != self.positional_embedding.shape[0]:
+            raise ValueError(f"incorrect audio shape: {x.shape[1]} frames after conv, expected "
+                             f"{self.positional_embedding.shape[0]}")
+        x += self.positional_embedding
+        for layer in self.layers:
+            x = layer(x)
+        return self.ln_post(x)
+
+
 class HostDecoder:
     """The decoder's weights as numpy views, and its forward pass over a HostDecoderState."""
 
@@ -225,10 +291,11 @@ class HostDecoderState:
         self.pad = self.pad[rows]
 
 
-def _plain_float32(decoder) -> bool:
-    layers = [m for _, m in decoder.named_modules() if isinstance(m, nn.Linear) or "Quantized" in type(m).__name__]
-    return (all(type(m) is nn.Linear for m in layers) and type(decoder.token_embedding) is nn.Embedding
-            and decoder.token_embedding.weight.dtype == mx.float32)
+def _plain_float32(module) -> bool:
+    """Only float32 nn.Linear, nn.Conv1d and nn.Embedding layers (nothing quantized)."""
+    plain = (nn.Linear, nn.Conv1d, nn.Embedding)
+    layers = [m for _, m in module.named_modules() if isinstance(m, plain) or "Quantized" in type(m).__name__]
+    return all(type(m) in plain and m.weight.dtype == mx.float32 for m in layers)
 
 
 def _cached(module, attribute: str, build):
@@ -241,6 +308,13 @@ def _cached(module, attribute: str, build):
     cached = build(module)
     setattr(module, attribute, cached)  # a plain attribute (not an array): never a parameter
     return cached
+
+
+def host_encoder_for(model) -> HostEncoder | None:
+    """The model's numpy encoder when MLX computes on the CPU in float32 with plain layers, else None."""
+    if not on_cpu() or not _plain_float32(model.encoder):
+        return None
+    return _cached(model.encoder, "_host_encoder", HostEncoder)
 
 
 def host_decoder_for(model) -> HostDecoder | None:

@@ -357,6 +357,11 @@ class Whisper(nn.Module):
         return self.dims.n_vocab - 51765 - int(self.is_multilingual)
 
     def embed_audio(self, mel: mx.array) -> mx.array:
+        from .host_model import host_encoder_for  # it builds on this module
+
+        host = host_encoder_for(self)
+        if host is not None:  # MLX's CPU backend, float32, plain layers: the numpy encoder
+            return mx.array(host(np.asarray(mel, dtype=np.float32)))
         return self.encoder(mel.astype(self.dtype))
 
     def new_state(self, audio_features: mx.array, pad: mx.array | None = None) -> DecoderState:
