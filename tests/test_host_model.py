@@ -133,4 +133,6 @@ def test_blas_matmul_equals_numpy(rows):
         np.testing.assert_allclose(host_blas.matmul(x, b), x.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(host_blas.matmul(x[:, :50], weight[:, :50].T), x[:, :50] @ weight[:, :50].T,
                                rtol=1e-4, atol=1e-4)  # row strides longer than the rows
+    with pytest.raises(ValueError):  # mismatched inner dimensions never reach the BLAS
+        host_blas.matmul(x, weight)
 

@@ -63,7 +63,9 @@ def normal_cdf_into(x: np.ndarray, out: np.ndarray) -> None:
 
 
 def _row_major(a: np.ndarray) -> bool:
-    return a.dtype == np.float32 and a.strides[-1] == 4 and a.strides[-2] % 4 == 0 and a.strides[-2] >= 4 * a.shape[-1]
+    """A float32 matrix the BLAS can read in place: unit column stride, rows a whole number of floats apart."""
+    return (a.dtype == np.float32 and a.flags.aligned and a.strides[-1] == 4 and a.strides[-2] % 4 == 0
+            and a.strides[-2] >= 4 * a.shape[-1])
 
 
 def _operand(b: np.ndarray) -> tuple[np.ndarray, int, int] | None:
@@ -80,9 +82,10 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     weight.T is read in place)."""
     lib = _blas()
     # one row: numpy's OpenBLAS gemv is as fast as MKL (and has less call overhead)
-    operand = _operand(b) if lib is not None and a.ndim == 2 and b.ndim == 2 and a.shape[0] > 1 else None
+    blas_shapes = a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0] and a.shape[0] > 1
+    operand = _operand(b) if lib is not None and blas_shapes else None
     if operand is None or not _row_major(a) or a.shape[0] * b.shape[1] == 0:
-        return np.matmul(a, b)
+        return np.matmul(a, b)  # (which also raises on mismatched shapes)
     rows, inner = a.shape
     out = np.empty((rows, b.shape[1]), np.float32)
     data, trans, ldb = operand
