@@ -109,7 +109,7 @@ def test_host_decoder_follows_replaced_weights(small_model):
         small_model.decoder.blocks[0].mlp1.weight = old * 2
         rebuilt = host_decoder_for(small_model)
         assert rebuilt is not first
-        np.testing.assert_array_equal(rebuilt.layers[0].mlp1.weight, np.array(old * 2))
+        np.testing.assert_array_equal(rebuilt.layers[0].mlp.mlp1.weight, np.array(old * 2))
     finally:
         small_model.decoder.blocks[0].mlp1.weight = old
 

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 
 from . import cpu_kernels, host_blas
 from .backend import on_cpu
+from .whisper import merge_heads, split_heads  # reshapes that serve numpy arrays as well
 
 NEG_INF = np.float32(-np.inf)
 
@@ -48,16 +49,6 @@ def affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.nda
     if bias is not None:
         out += bias
     return out
-
-
-def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
-    batch, length, width = x.shape
-    return x.reshape(batch, length, n_head, width // n_head).transpose(0, 2, 1, 3)
-
-
-def merge_heads(x: np.ndarray) -> np.ndarray:
-    batch, n_head, length, head_dim = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(batch, length, n_head * head_dim)
 
 
 def _np(array: mx.array | None) -> np.ndarray | None:
@@ -91,6 +82,26 @@ class HostNorm:
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
+@dataclass(frozen=True)
+class HostMLP:
+    """A block's layer norm and MLP: the rows of a prompt or a window in blocks over the workers
+    (cpu_kernels.mlp), a step's few rows through MKL's products (host_blas)."""
+
+    ln: HostNorm
+    mlp1: HostLinear
+    mlp2: HostLinear
+
+    @classmethod
+    def of(cls, block) -> "HostMLP":
+        return cls(HostNorm.of(block.mlp_ln), HostLinear.of(block.mlp1), HostLinear.of(block.mlp2))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        hidden = self.ln(x)
+        if hidden.shape[0] * hidden.shape[1] > cpu_kernels.MLP_BLOCK_ROWS:
+            return cpu_kernels.mlp(hidden, self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
+        return self.mlp2(cpu_kernels.gelu(self.mlp1(hidden)))
+
+
 def fused_qkv(attn) -> HostLinear:
     """The query, key and value projections stacked into one (3 n_state, n_state) projection (the key
     has no bias: zeros)."""
@@ -117,17 +128,14 @@ class HostLayer:
     cross_out: HostLinear
     cross_key_weight: np.ndarray
     cross_value: HostLinear
-    mlp_ln: HostNorm
-    mlp1: HostLinear
-    mlp2: HostLinear
+    mlp: HostMLP
 
     @classmethod
     def of(cls, block) -> "HostLayer":
         attn, cross = block.attn, block.cross_attn
         return cls(attn.n_head, HostNorm.of(block.attn_ln), fused_qkv(attn), HostLinear.of(attn.out),
                    HostNorm.of(block.cross_attn_ln), HostLinear.of(cross.query), HostLinear.of(cross.out),
-                   _np(cross.key.weight), HostLinear.of(cross.value), HostNorm.of(block.mlp_ln),
-                   HostLinear.of(block.mlp1), HostLinear.of(block.mlp2))
+                   _np(cross.key.weight), HostLinear.of(cross.value), HostMLP.of(block))
 
     def cross_cache(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(keys scaled and transposed (B, H, D, T), values (B, H, T, D)) of encoded windows."""
@@ -138,10 +146,7 @@ class HostLayer:
         x = x + self.self_attention(self.attn_ln(x), state, index, mask)
         query = split_heads(self.cross_query(self.cross_ln(x)), self.n_head)
         x = x + self.cross_out(merge_heads(cpu_kernels.cross_attention(query, *state.cross_kv[index])))
-        hidden = self.mlp_ln(x)
-        if hidden.shape[0] * hidden.shape[1] > cpu_kernels.MLP_BLOCK_ROWS:  # a prompt: blocks over the workers
-            return x + cpu_kernels.mlp(hidden, self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
-        return x + self.mlp2(cpu_kernels.gelu(self.mlp1(hidden)))  # a step's few rows: MKL's products
+        return x + self.mlp(x)
 
     def self_attention(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None):
         q, k, v = np.split(split_heads(self.qkv(x), 3 * self.n_head), 3, axis=1)
@@ -160,19 +165,17 @@ class HostEncoderLayer:
     attn_ln: HostNorm
     qkv: HostLinear
     attn_out: HostLinear
-    mlp_ln: HostNorm
-    mlp1: HostLinear
-    mlp2: HostLinear
+    mlp: HostMLP
 
     @classmethod
     def of(cls, block) -> "HostEncoderLayer":
         return cls(block.attn.n_head, HostNorm.of(block.attn_ln), fused_qkv(block.attn), HostLinear.of(block.attn.out),
-                   HostNorm.of(block.mlp_ln), HostLinear.of(block.mlp1), HostLinear.of(block.mlp2))
+                   HostMLP.of(block))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         q, k, v = np.split(self.qkv(self.attn_ln(x)), 3, axis=-1)
         x += self.attn_out(cpu_kernels.attention(q, k, v, self.n_head))
-        x += cpu_kernels.mlp(self.mlp_ln(x), self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
+        x += self.mlp(x)
         return x
 
 

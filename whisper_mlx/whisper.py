@@ -58,6 +58,7 @@ def use_fused_attention() -> bool:
 
 
 def split_heads(x: mx.array, n_head: int) -> mx.array:
+    """(B, L, H·D) -> (B, H, L, D); reshapes only, so numpy arrays work too (host_model)."""
     batch, length, width = x.shape
     return x.reshape(batch, length, n_head, width // n_head).transpose(0, 2, 1, 3)  # (B, H, L, D)
 
