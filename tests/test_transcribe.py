@@ -148,6 +148,31 @@ def test_detect_language_reuses_features(base_model, data_dir):
     assert max(single, key=single.get) == "fr"
 
 
+def test_later_lanes_start_primed_with_the_opening_window(tiny_en, data_dir, monkeypatch):
+    import sys
+
+    module = sys.modules["whisper_mlx.transcribe"]
+    batches = []
+    original = module.decode_with_fallback
+
+    def spy(tasks, features, prompts, languages, options):
+        batches.append([list(p) for p in prompts])
+        return original(tasks, features, prompts, languages, options)
+
+    monkeypatch.setattr(module, "decode_with_fallback", spy)
+    audio = whisper_mlx.load_audio(str(data_dir / "alice_ch1.flac"))[: 16000 * 130]  # two 60 s lanes
+    result = transcribe(audio, model=tiny_en, language="en", batch_size=12)
+    check_invariants(result, 130.0)
+    assert [len(b) for b in batches[:2]] == [1, 2]  # the opening window alone, then both lanes
+    assert batches[0] == [[]]
+    opening = [token for s in result["segments"] if s["seek"] == 0 for token in s["tokens"]]
+    assert opening and batches[1] == [opening, opening]  # lane 2 starts with lane 1's previous text
+
+    batches.clear()  # without conditioning on previous text there is nothing to prime with
+    transcribe(audio, model=tiny_en, language="en", batch_size=12, condition_on_previous_text=False)
+    assert len(batches[0]) == 2
+
+
 @pytest.fixture(scope="module")
 def alice_wer(tiny_en, data_dir):
     """WER of alice_ch1 (418 s) in one mode, computed once per mode for the module."""
