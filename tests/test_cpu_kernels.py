@@ -171,6 +171,42 @@ def test_cross_attention_with_cpu_kernels_equals_mlx_ops(tiny_en, batch, length)
     np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mask_rows", [0, 1, "all"])  # no mask, one for all rows, one per row
+@pytest.mark.parametrize("batch", [1, 2, 3, 6])
+def test_step_attention_splits_rows_over_a_worker_exactly(batch, mask_rows, monkeypatch):
+    rng = np.random.default_rng(batch)
+    q = rng.normal(size=(batch, 6, 1, 64)).astype(np.float32)
+    q[0] *= 40  # row 0's scores leave the unshifted softmax's range, the others' do not
+    keys_t = (rng.normal(size=(batch, 6, 64, 300)) / 8).astype(np.float32)
+    values = rng.normal(size=(batch, 6, 300, 64)).astype(np.float32)
+    mask = None
+    if mask_rows:
+        mask = np.zeros((batch if mask_rows == "all" else 1, 1, 1, 300), np.float32)
+        for b in range(mask.shape[0]):
+            mask[b, ..., : 7 * b + 3] = -np.inf  # e.g. a row's left padding
+    pool, submitted = cpu_kernels._workers(), []
+
+    class Spy:
+        def submit(self, task, *args):
+            submitted.append(args)
+            return pool.submit(task, *args)
+
+    monkeypatch.setattr(cpu_kernels, "_workers", Spy)
+    monkeypatch.setattr(cpu_kernels, "worker_count", lambda: 2)
+    got = cpu_kernels.attend(q, keys_t, values, mask)
+    np.testing.assert_array_equal(got, cpu_kernels.cross_attention(q, keys_t, values) if mask is None else got)
+    assert len(submitted) == (2 if mask is None else 1) * (batch >= cpu_kernels.STEP_SPLIT_MIN_ROWS)
+    # each row exactly as alone (the split changes no bit), and softmax(q k + mask) v in float64
+    for b in range(batch):
+        row_mask = None if mask is None else mask[min(b, mask.shape[0] - 1)][None]
+        np.testing.assert_array_equal(got[b : b + 1], cpu_kernels.attend(q[b : b + 1], keys_t[b : b + 1],
+                                                                         values[b : b + 1], row_mask))
+    scores = q.astype(np.float64) @ keys_t + (0 if mask is None else mask)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    want = weights / weights.sum(-1, keepdims=True) @ values
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def reference_masked_attention(q, k, v, mask):
     scores = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + mask
     weights = np.exp(scores - scores.max(-1, keepdims=True))

@@ -80,17 +80,18 @@ def _attend_block(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndar
                   mask: np.ndarray | None = None) -> None:
     """out = softmax(q keys_t + mask) v, for one block or a stack of blocks.
 
-    When every row's largest score is in [0, SOFTMAX_UNSHIFTED_MAX), exp takes the scores unshifted
-    (softmax is shift-invariant; no overflow, and no exponent falls lower than the shifted one would, so
-    no new denormals): one pass fewer. When v carries a trailing column of ones (the encoder's values,
-    see `attention`), the product with it gives each row's sum too: no summing pass (~0.15 ms of ~1.1
-    per 256-row block)."""
+    A row whose largest score is in [0, SOFTMAX_UNSHIFTED_MAX) goes to exp unshifted (softmax is
+    shift-invariant; no overflow, and no exponent falls lower than the shifted one would, so no new
+    denormals): when all rows are, one pass fewer. When v carries a trailing column of ones (the
+    encoder's values, see `attention`), the product with it gives each row's sum too: no summing pass
+    (~0.15 ms of ~1.1 per 256-row block)."""
     scores = q @ keys_t
     if mask is not None:
         scores += mask
     top = scores.max(axis=-1, keepdims=True)
-    if not (0 <= top.min() and top.max() < SOFTMAX_UNSHIFTED_MAX):
-        scores -= top
+    shifted = (top < 0) | (top >= SOFTMAX_UNSHIFTED_MAX)  # decided per row: a row's result never depends
+    if shifted.any():  # on the rows computed with it
+        scores -= np.where(shifted, top, np.float32(0))
     np.exp(scores, out=scores)
     if v.shape[-1] == out.shape[-1] + 1:
         weighted = scores @ v
@@ -143,19 +144,37 @@ def masked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarr
 def cross_attention(q: np.ndarray, scaled_keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
     """softmax(q kᵀ) v of the decoder's new tokens over a window's audio frames: q (B, H, L, D), keys
     pre-scaled and transposed (B, H, D, T), values (B, H, T, D) -> (B, H, L, D). A decoding step
-    (L = 1) is memory-bound, so it runs in one call on this thread: splitting its heads over the
-    workers measured no faster. A prompt's first step (L up to ~225) is split into cache-sized blocks
+    (L = 1) goes to `attend`. A prompt's first step (L up to ~225) is split into cache-sized blocks
     over the workers, as the encoder's attention is."""
     if q.shape[2] > 1:
         return _attend_heads(q, scaled_keys_t, values, None)
     return attend(q, scaled_keys_t, values)
 
 
+# A step's attention streams each row's keys/values from memory (18 MB of cross-attention per tiny row
+# over the layers), and two cores stream ~1.7x what one does: from this many rows, half of them go to a
+# worker (cross-attention, cold caches, 6 rows: 15.7 -> 11.8 ms a step; 4 rows: 11.8 -> 9.0; 2: no gain).
+STEP_SPLIT_MIN_ROWS = 3
+
+
 def attend(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """softmax(q keys_t + mask) values over stacks (..., L, D), (..., D, S), (..., S, D), in one call
-    on this thread: a decoding step's attention, memory-bound."""
+    """softmax(q keys_t + mask) values over stacks (B, H, L, D), (B, H, D, S), (B, H, S, D) and a
+    (1 or B, 1, L, S) mask: a decoding step's attention, memory-bound. From STEP_SPLIT_MIN_ROWS rows,
+    half of the rows go to a worker (each row's result is the same either way; the BLAS calls, 1 x 64 x
+    1500, stay below OpenBLAS's threading threshold)."""
     out = np.empty(q.shape, np.float32)
-    _attend_block(q, keys_t, values, out, mask)
+
+    def rows(part: slice) -> None:
+        _attend_block(q[part], keys_t[part], values[part], out[part],
+                      mask if mask is None or mask.shape[0] == 1 else mask[part])
+
+    if q.shape[0] < STEP_SPLIT_MIN_ROWS or worker_count() < 2:
+        _attend_block(q, keys_t, values, out, mask)
+        return out
+    half = q.shape[0] // 2
+    other = _workers().submit(rows, slice(half, None))
+    rows(slice(0, half))
+    other.result()
     return out
 
 
