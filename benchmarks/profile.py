@@ -57,9 +57,9 @@ class StageClock:
             self.steps[tokens.shape[0]] += 1
             return step(tokens, state, keep)
 
-        def counted_host(decoder, tokens, state):
+        def counted_host(decoder, tokens, state, keep=None):
             self.steps[tokens.shape[0]] += 1
-            return host_hidden(decoder, tokens, state)
+            return host_hidden(decoder, tokens, state, keep)
 
         model.step = counted
         HostDecoder.hidden = counted_host

@@ -40,6 +40,12 @@ def compare_steps(model, features: mx.array, pad: list[int], prompt_length: int,
         _, want = model.step(mx.array(new, dtype=mx.int32), mlx_state)
         got = host.hidden(new, host_state)
         np.testing.assert_allclose(got, np.array(want), atol=atol, rtol=1e-4)
+        if step == 0:  # a prompt that keeps two positions: the same states there, and the same caches
+            kept_state = host.new_state(features, np.array(pad), model.dims.n_text_ctx)
+            keep = [prompt_length - 1, pad[-1]]
+            np.testing.assert_allclose(host.hidden(new, kept_state, keep=keep), got[:, keep], atol=atol, rtol=1e-4)
+            for a, b in zip(kept_state.keys + kept_state.values, host_state.keys + host_state.values):
+                np.testing.assert_array_equal(a, b)
         want_logits = np.array(model.decoder.logits(want[:, -1]))
         np.testing.assert_allclose(host.logits(got[:, -1]), want_logits, atol=atol, rtol=1e-4)
     assert host_state.offset == mlx_state.offset
@@ -68,7 +74,7 @@ def test_host_and_mlx_decoders_decode_alike(small_model, monkeypatch):
     prompts = [None, "a prompt of some words", "short", None, None, "another prompt"]
     calls = []
     real = host_model.HostDecoder.hidden
-    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     got = task.run(features, prompts)
     assert calls, "greedy decoding on the CPU must use the numpy decoder"
     monkeypatch.setattr("whisper_mlx.decoding.host_decoder_for", lambda model: None)
@@ -88,7 +94,7 @@ def test_sampled_decoding_uses_the_host_decoder_alike(small_model, monkeypatch):
     task = DecodingTask(small_model, DecodingOptions(language="en", sample_len=12, temperature=0.7, best_of=2))
     calls = []
     real = host_model.HostDecoder.hidden
-    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     mx.random.seed(21)
     got = task.run(features, [None, "some words"])
     assert calls

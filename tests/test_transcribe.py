@@ -167,6 +167,11 @@ def test_later_lanes_start_primed_with_the_opening_window(tiny_en, data_dir, mon
     assert batches[0] == [[]]
     opening = [token for s in result["segments"] if s["seek"] == 0 for token in s["tokens"]]
     assert opening and batches[1] == [opening, opening]  # lane 2 starts with lane 1's previous text
+    # lane 1's windows inside its lane (same audio span, same prompt) are the sequential loop's windows
+    sequential = transcribe(audio, model=tiny_en, language="en")
+    windows = lambda r: [[(s["start"], s["end"], s["tokens"]) for s in r["segments"] if s["seek"] == seek]
+                         for seek in dict.fromkeys(s["seek"] for s in r["segments"])]  # fmt: skip
+    assert windows(result)[:2] == windows(sequential)[:2]
 
     batches.clear()  # without conditioning on previous text there is nothing to prime with
     transcribe(audio, model=tiny_en, language="en", batch_size=12, condition_on_previous_text=False)

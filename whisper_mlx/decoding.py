@@ -427,8 +427,8 @@ class DecodingTask:
         host = host_decoder_for(self.model)
         if host is not None:
             state = host.new_state(features, np.array(pad), self.n_ctx)
-            hidden = host.hidden(np.array(tokens), state)
-            logits = host.logits(np.stack([hidden[:, -1], hidden[:, sot_index]]).reshape(-1, hidden.shape[-1]))
+            hidden = host.hidden(np.array(tokens), state, keep=[length - 1, sot_index])
+            logits = host.logits(hidden.swapaxes(0, 1).reshape(-1, hidden.shape[-1]))
             sot_logits = logits[len(rows):]
             no_speech = np.exp(sot_logits[:, self.tokenizer.no_speech] - logsumexp(sot_logits))
             last = logits[: len(rows)]

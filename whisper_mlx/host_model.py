@@ -142,15 +142,22 @@ class HostLayer:
         return cpu_kernels.cross_keys_values(audio, self.cross_key_weight, self.cross_value.weight,
                                              self.cross_value.bias, self.n_head)
 
-    def __call__(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None):
-        x = x + self.self_attention(self.attn_ln(x), state, index, mask)
+    def __call__(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None,
+                 keep: list[int] | None = None):
+        """The block over new tokens x (B, L, n_state); every position writes its keys/values, and with
+        `keep` only those positions go on (attention outputs, cross-attention, MLP)."""
+        attended = self.self_attention(self.attn_ln(x), state, index, mask, keep)
+        x = (x if keep is None else x[:, keep]) + attended
         query = split_heads(self.cross_query(self.cross_ln(x)), self.n_head)
         x = x + self.cross_out(merge_heads(cpu_kernels.cross_attention(query, *state.cross_kv[index])))
         return x + self.mlp(x)
 
-    def self_attention(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None):
+    def self_attention(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None,
+                       keep: list[int] | None = None):
         q, k, v = np.split(split_heads(self.qkv(x), 3 * self.n_head), 3, axis=1)
         keys, values = state.append(index, k, v)
+        if keep is not None:
+            q, mask = q[:, :, keep], (None if mask is None else mask[:, :, keep])
         if q.shape[2] > 1:  # a prompt: cache-sized blocks over the workers
             return self.attn_out(merge_heads(cpu_kernels.masked_attention(q, keys, values, mask)))
         scaled = q * np.float32(q.shape[-1] ** -0.5)
@@ -233,14 +240,17 @@ class HostDecoder:
         return HostDecoderState(cross_kv, np.asarray(pad, np.int64), head.n_head,
                                 head.attn_out.weight.shape[0] // head.n_head, max_len)
 
-    def hidden(self, tokens: np.ndarray, state: "HostDecoderState") -> np.ndarray:
-        """Final-layer-normed hidden states (B, L, n_state) of new tokens (B, L); updates the caches."""
+    def hidden(self, tokens: np.ndarray, state: "HostDecoderState", keep: list[int] | None = None) -> np.ndarray:
+        """Final-layer-normed hidden states (B, L, n_state) of new tokens (B, L), or (B, len(keep),
+        n_state) of the positions in `keep` (the last layer then skips the others' attention outputs and
+        MLP: a prompt of ~220 tokens only needs two); updates the caches."""
         length = tokens.shape[1]
         positions = np.maximum(np.arange(state.offset, state.offset + length)[None, :] - state.pad[:, None], 0)
         x = self.token_embedding[tokens] + self.positional_embedding[positions]
         mask = state.mask(length)
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            x = layer(x, state, index, mask)
+            x = layer(x, state, index, mask, keep if index == last else None)
         state.offset += length
         return self.ln(x)
 
