@@ -5,7 +5,8 @@ numpy's wheels bring their own OpenBLAS, whose kernels for a few rows are slow: 
 (3, 384) x (384, 1536) product takes ~0.3 ms there and ~0.1 ms in MKL; the (3, 384) x (384, 51864)
 logits ~12 ms against ~1.9 ms. The host decoder's products therefore call the preloaded library's
 cblas_sgemm directly (ctypes, a few µs per call). Without a preloaded BLAS
-(or for other dtypes and layouts) the same functions fall back to numpy.
+(or for other dtypes and layouts) the same functions fall back to numpy. With MKL, the logits of
+several rows read a packed copy of the embedding (PackedOperand).
 
 MKL's vector math library also has the normal CDF, Φ, for the exact GELU x Φ(x): one SIMD pass,
 ~1 ns per element, against ~7-14 ns for the ~20 numpy passes of cpu_kernels' erf approximation.
@@ -101,14 +102,14 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-
-PACK_ROWS = 8  # the row count MKL lays the packed copy out for (packed for 1 row, 6-row products ran 7.2 ms, not 4.5)
+# the row count MKL lays a packed copy out for (packed for 1 row, 6-row products ran 7.2 ms, not 4.5)
+PACK_ROWS = 8
 
 
 class PackedOperand:
     """A right operand b (k, n) copied once into MKL's packed layout (cblas_sgemm_pack), for many
-    products with a few rows: the decoder's logits. MKL's plain product of a few rows re-packs its
-    panels of b on every call; from the packed copy, (6 x 384) x (384 x 51864) with cold caches takes
+    products with a few rows: the decoder's logits. MKL's products of a few rows run faster from the
+    packed copy (measured, not explained here): (6 x 384) x (384 x 51864) with cold caches takes
     ~4.5 ms against ~6.6-7.7 (2 rows 3.9 against 5.2; one row is slower: 5-6 ms against 2.9). The
     copy is larger than b (140 MB for tiny.en's 80 MB embedding), and the results are the plain
     product's, bit for bit."""
