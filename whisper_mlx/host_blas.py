@@ -115,9 +115,9 @@ class PackedOperand:
     product's, bit for bit."""
 
     def __init__(self, b: np.ndarray):
-        lib = _blas()
-        if lib is None or not hasattr(lib, "cblas_sgemm_pack") or not _row_major(b) or b.strides[0] != 4 * b.shape[1]:
+        if not self.available() or not _row_major(b) or b.strides[0] != 4 * b.shape[1]:
             raise ValueError("packing needs MKL and a contiguous float32 matrix")
+        lib = _blas()
         self.inner, self.width = b.shape
         size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, PACK_ROWS, self.width, self.inner)
         self.buffer = np.empty(size, np.uint8)  # numpy never moves it (MKL's packed data must stay put)

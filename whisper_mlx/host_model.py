@@ -260,8 +260,8 @@ class HostDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
-        80 MB). One row: MKL's plain product; from PACKED_MIN_ROWS rows, MKL's packed copy of the
-        embedding, made on first use (sequential decoding never needs it)."""
+        80 MB). One row: host_blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy
+        of the embedding, made on first use (greedy sequential decoding never needs it)."""
         hidden = np.ascontiguousarray(hidden)
         if hidden.shape[0] >= PACKED_MIN_ROWS and host_blas.PackedOperand.available():
             if self._packed_embedding is None:
