@@ -141,6 +141,44 @@ def test_blas_matmul_equals_numpy(rows):
                                rtol=1e-4, atol=1e-4)  # row strides longer than the rows
     with pytest.raises(ValueError):  # mismatched inner dimensions never reach the BLAS
         host_blas.matmul(x, weight)
+    out = np.full((rows, 130), np.nan, np.float32)
+    assert host_blas.matmul(x, weight.T, out=out) is out
+    np.testing.assert_array_equal(out, host_blas.matmul(x, weight.T))
+    strided_out = np.zeros((rows, 260), np.float32)[:, ::2]  # not a layout the BLAS writes: numpy does
+    host_blas.matmul(x, weight.T, out=strided_out)
+    np.testing.assert_allclose(strided_out, out, rtol=1e-5, atol=1e-5)
+
+
+def test_vector_exp_equals_numpy_exp():
+    x = np.concatenate([[-np.inf, 0.0, -0.0], np.linspace(-110, 88, 100_001)]).astype(np.float32).reshape(4, -1)
+    exact = np.exp(x.astype(np.float64))
+    out = np.empty_like(x)
+    host_blas.exp_into(x, out)
+    normal = exact > np.finfo(np.float32).tiny
+    np.testing.assert_allclose(out[normal], exact[normal], rtol=2e-7)
+    assert (out[~normal] < 2 * np.finfo(np.float32).tiny).all()  # flushed or tiny, never garbage
+    assert out[0, 0] == 0 and out[0, 1] == out[0, 2] == 1  # exp(-inf): a masked score
+    in_place = x.copy()
+    host_blas.exp_into(in_place, in_place)
+    np.testing.assert_array_equal(in_place, out)
+    strided = x[:, ::2]  # numpy's exp serves what MKL cannot read in place
+    strided_out = np.empty(strided.shape, np.float32)
+    host_blas.exp_into(strided, strided_out)
+    np.testing.assert_allclose(strided_out, np.exp(strided), rtol=3e-7)
+
+
+@pytest.mark.skipif(not host_blas.has_exp(), reason="needs MKL preloaded")
+def test_cpu_kernel_workers_hold_mkl_to_one_thread():
+    """The workers share the cores out: MKL called from one of them must not start threads of its own."""
+    import ctypes
+
+    from whisper_mlx import cpu_kernels
+
+    lib = host_blas._blas()
+    lib.MKL_Get_Max_Threads.restype = ctypes.c_int
+    seen = []
+    cpu_kernels.run_blocks([lambda: seen.append(lib.MKL_Get_Max_Threads()) for _ in range(8)])
+    assert seen == [1] * 8
 
 
 
