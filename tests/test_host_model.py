@@ -130,6 +130,37 @@ def test_quantized_layers_stay_on_mlx(small_model):
     assert features.shape == (1, 1500, 64)
 
 
+def test_background_encoder_gives_the_encoders_bits(tiny_en, data_dir):
+    encoder = host_encoder_for(tiny_en)
+    audio = load_audio(str(data_dir / "jfk.flac"))
+    mels = {(0, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio))),
+            (100, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio[16000:])))}
+    background = host_model.BackgroundEncoder(encoder, mels)
+    for key, mel in mels.items():
+        np.testing.assert_array_equal(background.result(key), encoder(mel[None])[0])
+    assert background.withdraw([(0, 3000), (5, 3000)]) == [(5, 3000)]  # done or unknown: never the caller's
+    background.close()
+
+
+def test_background_encoder_leaves_windows_it_has_not_started_to_the_caller(small_model):
+    encoder = host_encoder_for(small_model)
+    mels = {i: np.zeros((3000, 80), np.float32) for i in range(4)}
+    background = host_model.BackgroundEncoder(encoder, mels)
+    mine = background.withdraw([3, 2, 1])
+    theirs = [key for key in (0, 1, 2, 3) if key not in mine]
+    assert 0 in theirs and set(mine) <= {1, 2, 3}
+    for key in theirs:
+        assert background.result(key).shape == (1500, 64)
+    background.close()
+    closed = host_model.BackgroundEncoder(encoder, mels)
+    closed.close()  # what it had not started is cancelled: nobody waits for it forever
+    assert all(closed._results[key].cancelled() or closed._results[key].done() for key in mels)
+    broken = host_model.BackgroundEncoder(encoder, {0: np.zeros((10, 80), np.float32)})
+    with pytest.raises(ValueError, match="incorrect audio shape"):  # the thread's error reaches the caller
+        broken.result(0)
+    broken.close()
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 300])
 def test_blas_matmul_equals_numpy(rows):
     rng = np.random.default_rng(rows)

@@ -178,6 +178,34 @@ def test_later_lanes_start_primed_with_the_opening_window(tiny_en, data_dir, mon
     assert len(batches[0]) == 2
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the background encoder serves MLX's CPU backend")
+def test_other_lanes_first_windows_are_encoded_beside_the_opening_window(tiny_en, data_dir, monkeypatch):
+    import sys
+    import threading
+
+    from whisper_mlx.host_model import HostEncoder
+
+    module = sys.modules["whisper_mlx.transcribe"]
+    encoded_on = []
+    original = HostEncoder.__call__
+
+    def spy(encoder, mel):
+        encoded_on.append((threading.current_thread().name, mel.shape[0]))
+        return original(encoder, mel)
+
+    monkeypatch.setattr(HostEncoder, "__call__", spy)
+    audio = whisper_mlx.load_audio(str(data_dir / "alice_ch1.flac"))[: 16000 * 130]  # two 60 s lanes
+    result = transcribe(audio, model=tiny_en, language="en", batch_size=12)
+    assert encoded_on[0] == ("MainThread", 1)  # the opening window, on both cores, before the others
+    assert ("whisper-mlx-encode-ahead", 1) in encoded_on  # lane 2's first window, beside its decoding
+    assert not any(t.name == "whisper-mlx-encode-ahead" for t in threading.enumerate())  # joined
+    encoded_on.clear()
+    monkeypatch.setattr(module.Context, "encode_ahead", lambda ctx, spans: None)
+    alone = transcribe(audio, model=tiny_en, language="en", batch_size=12)
+    assert {thread for thread, _ in encoded_on} == {"MainThread"}
+    assert alone["segments"] == result["segments"]  # where a window was encoded changes nothing
+
+
 @pytest.fixture(scope="module")
 def alice_wer(tiny_en, data_dir):
     """WER of alice_ch1 (418 s) in one mode, computed once per mode for the module."""

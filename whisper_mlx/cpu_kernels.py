@@ -10,6 +10,7 @@ MLX itself is only used from the caller's thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -57,15 +58,34 @@ def _blas_limiter():
         return _limiter or None
 
 
+def one_blas_thread():
+    """A context in which the loaded BLAS libraries (numpy's, the preloaded one) use one thread."""
+    limiter = _blas_limiter()
+    return contextlib.nullcontext() if limiter is None else limiter.limit(limits=1)
+
+
+_this_thread = threading.local()
+
+
+@contextlib.contextmanager
+def blocks_on_this_thread():
+    """Within it, this thread's run_blocks runs its blocks itself (a background encoder on one core,
+    beside the thread that decodes)."""
+    _this_thread.inline = True
+    try:
+        yield
+    finally:
+        _this_thread.inline = False
+
+
 def run_blocks(tasks: list) -> None:
     """Run callables on the worker threads (in the calling thread when threads cannot help)."""
-    limiter = _blas_limiter() if len(tasks) > 1 and worker_count() > 1 else None
-    if limiter is None:
+    if len(tasks) < 2 or worker_count() < 2 or getattr(_this_thread, "inline", False) or _blas_limiter() is None:
         for task in tasks:
             task()
         return
     # each block is small: one BLAS thread per worker (MLX is idle meanwhile: its inputs were evaluated)
-    with limiter.limit(limits=1):
+    with one_blas_thread():
         for future in [_workers().submit(task) for task in tasks]:
             future.result()
 

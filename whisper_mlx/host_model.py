@@ -20,6 +20,8 @@ Only float32 models with plain (not quantized) layers take these paths: see `hos
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -219,6 +221,71 @@ class HostEncoder:
         for layer in self.layers:
             x = layer(x)
         return self.ln_post(x)
+
+
+class BackgroundEncoder:
+    """Encodes windows with the numpy encoder on a background thread, on one core, one window at a
+    time, while the calling thread decodes. The opening window of a batched transcription is decoded
+    alone (transcribe.prime_lanes), on one core: the other lanes' first windows are encoded beside it.
+
+    The outputs are the same bits as the encoder's on the calling thread (test): which thread encoded
+    a window never changes a transcript."""
+
+    def __init__(self, encoder: HostEncoder, mels: dict):
+        self._encoder = encoder
+        self._mels = dict(mels)  # window key -> (frames, n_mels) float32, read before the thread starts
+        self._waiting = list(mels)  # not started yet, in order
+        self._results = {key: Future() for key in mels}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="whisper-mlx-encode-ahead", daemon=True)
+        self._thread.start()
+
+    def _next(self) -> tuple[Future, np.ndarray] | None:
+        """The next window's future and mel, taken under the lock (the caller may withdraw the rest)."""
+        with self._lock:
+            if not self._waiting:
+                return None
+            key = self._waiting.pop(0)
+            return self._results[key], self._mels.pop(key)
+
+    def _run(self) -> None:
+        try:
+            host_blas.use_one_thread_here()
+            with cpu_kernels.blocks_on_this_thread():
+                while (work := self._next()) is not None:
+                    future, mel = work
+                    future.set_result(self._encoder(mel[None])[0])
+        except BaseException as error:  # handed to whoever waits in result(): nothing waits forever
+            with self._lock:
+                self._waiting.clear()
+                for future in self._results.values():
+                    if not future.done():
+                        future.set_exception(error)
+
+    def withdraw(self, keys: list) -> list:
+        """The keys among `keys` that this encoder has not started (or never had): the caller encodes
+        them; the others come from result()."""
+        with self._lock:
+            taken = [key for key in keys if key in self._waiting or key not in self._results]
+            self._waiting = [key for key in self._waiting if key not in taken]
+            for key in taken:
+                self._results.pop(key, None)
+                self._mels.pop(key, None)
+        return taken
+
+    def result(self, key) -> np.ndarray:
+        """The (n_audio_ctx, n_state) encoder output of a window it started, once it is done."""
+        with self._lock:
+            future = self._results[key]
+        return future.result()
+
+    def close(self) -> None:
+        """Start nothing more (what was not started is cancelled) and wait for the window in progress."""
+        with self._lock:
+            for key in self._waiting:
+                self._results[key].cancel()
+            self._waiting.clear()
+        self._thread.join()
 
 
 PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see host_blas.PackedOperand)

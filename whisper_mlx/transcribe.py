@@ -6,6 +6,7 @@ The loop state lives in small objects and every step is a function of its own.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from dataclasses import dataclass, field, fields, replace
@@ -16,11 +17,13 @@ import numpy as np
 import tqdm
 
 from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, MelFrames, log_mel_frames, pad_or_trim
+from . import cpu_kernels
 from .backend import on_cpu
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .errors import DecodingError
 from .segments import clear_empty_segments, split_window
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+from .host_model import BackgroundEncoder, host_encoder_for
 from .whisper import Whisper
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -176,6 +179,7 @@ class Context:
     tasks: TaskCache  # the decoding options, one prepared task per temperature
     language: str | None = None
     first_window: tuple[int, mx.array] | None = None  # (seek, encoder output) kept from detection
+    ahead: BackgroundEncoder | None = None  # windows being encoded beside the opening window's decoding
 
     @property
     def tokenizer(self):
@@ -190,8 +194,28 @@ class Context:
             features = self.first_window[1]
             self.first_window = None
             return features
-        mels = mx.stack([self.window_mel(s, n) for s, n in starts_sizes])
-        return encode_windows(self.model, mels)
+        if self.ahead is None:
+            return encode_windows(self.model, mx.stack([self.window_mel(s, n) for s, n in starts_sizes]))
+        mine = self.ahead.withdraw(starts_sizes)
+        features = {}
+        if mine:  # encoded here while the background encoder finishes its window
+            encoded = encode_windows(self.model, mx.stack([self.window_mel(s, n) for s, n in mine]))
+            features = {key: encoded[i] for i, key in enumerate(mine)}
+        return mx.stack([features[key] if key in features else mx.array(self.ahead.result(key))
+                         for key in starts_sizes])
+
+    def encode_ahead(self, spans: list[WindowSpan]) -> None:
+        """Start encoding these windows on a background thread (the numpy encoder, on the CPU)."""
+        host = host_encoder_for(self.model)
+        if host is not None and cpu_kernels.worker_count() > 1 and spans:
+            mels = {(span.seek, span.size): pad_or_trim(self.mel.read(span.seek, span.seek + span.size), N_FRAMES, axis=0)
+                    for span in spans}
+            self.ahead = BackgroundEncoder(host, mels)
+
+    def stop_encoding_ahead(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
 
 
 def encode_windows(model: Whisper, mels: mx.array) -> mx.array:
@@ -396,11 +420,27 @@ def run_lanes(ctx: Context, lanes: list[Lane], progress) -> None:
     """Step all lanes together: one window of each unfinished lane per batch. Each lane keeps
     openai's semantics (seek to the last timestamp, prompt with its own previous text), except that
     the lanes after the first start with the opening window's text as their prompt (prime_lanes)."""
-    if len(lanes) > 1 and ctx.options.condition_on_previous_text:
+    try:
+        if len(lanes) > 1 and ctx.options.condition_on_previous_text:
+            decode_opening_window(ctx, lanes, progress)
+        while decode_batch(ctx, lanes, progress):
+            pass
+    finally:
+        ctx.stop_encoding_ahead()
+
+
+def decode_opening_window(ctx: Context, lanes: list[Lane], progress) -> None:
+    """Decode the first lane's first window alone and prime the other lanes with its text. That
+    decoding (one row per step) keeps one core busy: on the CPU the other lanes' first windows are
+    encoded on the other meanwhile, and the BLAS libraries keep to one thread here. alice_ch1, from the
+    opening window to the next batch's encoder outputs, mean of 4 interleaved runs: 2.84 -> 2.47 s."""
+    first = lanes[0].next_span(ctx.content_frames)
+    if first is not None:  # encoded first, on both cores
+        ctx.first_window = (first.seek, ctx.encode([(first.seek, first.size)]))
+    ctx.encode_ahead([span for lane in lanes[1:] if (span := lane.next_span(ctx.content_frames)) is not None])
+    with cpu_kernels.one_blas_thread() if ctx.ahead is not None else contextlib.nullcontext():
         decode_batch(ctx, lanes[:1], progress)
-        prime_lanes(lanes)
-    while decode_batch(ctx, lanes, progress):
-        pass
+    prime_lanes(lanes)
 
 
 def decode_batch(ctx: Context, lanes: list[Lane], progress) -> bool:
