@@ -43,6 +43,17 @@ def test_attention_equals_reference(threads, length):
     np.testing.assert_allclose(got, reference_attention(q, k, v, 3), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_shifts_rows_whose_scores_could_overflow(threads):
+    """Rows whose scores are bounded skip the max pass; rows with scores of hundreds (exp(89) overflows
+    float32) still get theirs subtracted."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.normal(size=(1, 300, 96)).astype(np.float32) for _ in range(3))
+    q[0, ::3] *= 40
+    got = cpu_kernels.attention(q, k, v, n_head=3)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference_attention(q, k, v, 3), rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(params=["mkl", "numpy"])
 def gelu_impl(request, monkeypatch):
     """Φ from MKL's vector math library, or the numpy erf approximation (no MKL preloaded)."""

@@ -97,23 +97,38 @@ def _blocks(length: int, size: int) -> list[slice]:
 SOFTMAX_UNSHIFTED_MAX = 60.0  # exp(60) ~ 1e26: sums of 1500 such terms stay far below float32's 3.4e38
 
 
+def _shift_rows(scores: np.ndarray, q: np.ndarray, key_norm: float | None) -> None:
+    """Subtract its largest score from each row that needs it before exp (see _attend_block).
+
+    With key_norm (the largest key norm, no mask) a row whose scores are bounded, |q·k| <= |q| key_norm
+    < SOFTMAX_UNSHIFTED_MAX, needs no max at all: every tiny.en encoder row is, and the max pass was
+    ~7% of a block."""
+    unsure = True
+    if key_norm is not None:
+        unsure = np.sqrt(np.square(q).sum(axis=-1, keepdims=True)) * np.float32(key_norm) >= SOFTMAX_UNSHIFTED_MAX
+        if not unsure.any():
+            return
+    top = scores.max(axis=-1, keepdims=True)
+    shifted = unsure & ((top < 0) | (top >= SOFTMAX_UNSHIFTED_MAX))  # decided per row: a row's result
+    if shifted.any():  # never depends on the rows computed with it
+        scores -= np.where(shifted, top, np.float32(0))
+
+
 def _attend_block(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndarray,
-                  mask: np.ndarray | None = None) -> None:
+                  mask: np.ndarray | None = None, key_norm: float | None = None) -> None:
     """out = softmax(q keys_t + mask) v, for one block or a stack of blocks.
 
-    A row whose largest score is in [0, SOFTMAX_UNSHIFTED_MAX) goes to exp unshifted (softmax is
-    shift-invariant; no overflow, and no exponent falls lower than the shifted one would, so no new
-    denormals): when all rows are, one pass fewer. When v is wider than out, its column out.shape[-1]
-    is ones (the encoder's values, see `attention`): the product with it gives each row's sum too, no
-    summing pass (~0.15 ms of ~1.1 per 256-row block). A block's products and exp go to MKL when it is preloaded
-    (host_blas; one 256-row encoder block, one thread: 1.63 -> 1.42 ms)."""
+    A row whose largest score is in [0, SOFTMAX_UNSHIFTED_MAX), or whose scores are bounded below it
+    in magnitude (key_norm), goes to exp unshifted (softmax is shift-invariant; no overflow, and no
+    exponent low enough for a denormal): when all rows are, one pass fewer. When v is wider than out,
+    its column out.shape[-1] is ones (the encoder's values, see `attention`): the product with it gives
+    each row's sum too, no summing pass (~0.15 ms of ~1.1 per 256-row block). A block's products and
+    exp go to MKL when it is preloaded (host_blas; one 256-row encoder block, one thread: 1.63 -> 1.42
+    ms)."""
     scores = host_blas.matmul(q, keys_t)
     if mask is not None:
         scores += mask
-    top = scores.max(axis=-1, keepdims=True)
-    shifted = (top < 0) | (top >= SOFTMAX_UNSHIFTED_MAX)  # decided per row: a row's result never depends
-    if shifted.any():  # on the rows computed with it
-        scores -= np.where(shifted, top, np.float32(0))
+    _shift_rows(scores, q, None if mask is not None else key_norm)
     host_blas.exp_into(scores, scores)
     width = out.shape[-1]
     if v.shape[-1] > width:  # column `width` of v is ones (further columns: zeros, see `attention`)
@@ -150,8 +165,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
             value = np.zeros((v.shape[1], _padded(head_dim + 1)), np.float32)
             value[:, :head_dim] = v[b, :, cols]
             value[:, head_dim] = 1  # sums each softmax row
+            key_norm = float(np.sqrt(np.square(key).sum(axis=-1).max()))
             for rows in _blocks(length, ATTENTION_BLOCK_ROWS):
-                tasks.append(partial(_attend_block, q[b, rows, cols], key.T, value, out[b, rows, cols]))
+                tasks.append(partial(_attend_block, q[b, rows, cols], key.T, value, out[b, rows, cols], None, key_norm))
     run_blocks(tasks)
     return out
 
