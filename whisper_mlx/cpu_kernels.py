@@ -179,7 +179,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
             keys_t = np.ascontiguousarray(k[b, :, cols]).T
             value, key_norm = _summing_values(v[b, :, cols]), _largest_norm(keys_t)
             for rows in _blocks(length, ATTENTION_BLOCK_ROWS):
-                tasks.append(partial(_attend_block, q[b, rows, cols], keys_t, value, out[b, rows, cols], None, key_norm))
+                tasks.append(partial(_attend_block, q[b, rows, cols], keys_t, value, out[b, rows, cols],
+                                     key_norm=key_norm))
     run_blocks(tasks)
     return out
 

@@ -56,8 +56,6 @@ def _declare(lib) -> None:
         if function is not None:
             function.restype = None
             function.argtypes = [ctypes.c_int64, p, p, ctypes.c_int64]
-
-
     if hasattr(lib, "MKL_Set_Num_Threads_Local"):  # (the lowercase name takes a pointer)
         lib.MKL_Set_Num_Threads_Local.restype = i
         lib.MKL_Set_Num_Threads_Local.argtypes = [i]

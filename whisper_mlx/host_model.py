@@ -226,7 +226,8 @@ class HostEncoder:
 class BackgroundEncoder:
     """Encodes windows with the numpy encoder on a background thread, on one core, one window at a
     time, while the calling thread decodes. The opening window of a batched transcription is decoded
-    alone (transcribe.prime_lanes), on one core: the other lanes' first windows are encoded beside it.
+    alone, on one core (transcribe.decode_opening_window): the other lanes' first windows are encoded
+    beside it.
 
     The outputs are the same bits as the encoder's on the calling thread (test): which thread encoded
     a window never changes a transcript."""

@@ -16,14 +16,14 @@ import mlx.core as mx
 import numpy as np
 import tqdm
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, MelFrames, log_mel_frames, pad_or_trim
 from . import cpu_kernels
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, MelFrames, log_mel_frames, pad_or_trim
 from .backend import on_cpu
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .errors import DecodingError
+from .host_model import BackgroundEncoder, host_encoder_for
 from .segments import clear_empty_segments, split_window
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
-from .host_model import BackgroundEncoder, host_encoder_for
 from .whisper import Whisper
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -185,8 +185,11 @@ class Context:
     def tokenizer(self):
         return self.tasks.get(self.options.temperatures[0]).tokenizer
 
+    def window_frames(self, start: int, size: int) -> np.ndarray:
+        return pad_or_trim(self.mel.read(start, start + size), N_FRAMES, axis=0)
+
     def window_mel(self, start: int, size: int) -> mx.array:
-        return mx.array(pad_or_trim(self.mel.read(start, start + size), N_FRAMES, axis=0))
+        return mx.array(self.window_frames(start, size))
 
     def encode(self, starts_sizes: list[tuple[int, int]]) -> mx.array:
         """Encoder outputs (B, n_audio_ctx, n_state) of windows, reusing the detection window."""
@@ -208,9 +211,7 @@ class Context:
         """Start encoding these windows on a background thread (the numpy encoder, on the CPU)."""
         host = host_encoder_for(self.model)
         if host is not None and cpu_kernels.worker_count() > 1 and spans:
-            mels = {(span.seek, span.size): pad_or_trim(self.mel.read(span.seek, span.seek + span.size), N_FRAMES, axis=0)
-                    for span in spans}
-            self.ahead = BackgroundEncoder(host, mels)
+            self.ahead = BackgroundEncoder(host, {(s.seek, s.size): self.window_frames(s.seek, s.size) for s in spans})
 
     def stop_encoding_ahead(self) -> None:
         if self.ahead is not None:
