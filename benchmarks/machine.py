@@ -8,6 +8,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from importlib import metadata
 
 
@@ -69,7 +70,29 @@ def machine_info() -> dict:
         "mlx": _version("mlx"),
         "blas_preloaded_for_mlx_peers": optimized_blas(),
         "load_average_start": load_average(),
+        "cores_in_use_start": cores_in_use(),
     }
+
+
+def cores_in_use(seconds: float = 2.0) -> float | None:
+    """Cores' worth of CPU time the machine spends over the next `seconds` (Linux /proc/stat): the other
+    work running as the benchmark starts. (The 1-minute load average lags: work that ended a minute ago
+    still shows in it.)"""
+
+    def busy_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+    try:
+        busy0, total0 = busy_and_total()
+        time.sleep(seconds)
+        busy1, total1 = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return round((busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1), 2)
 
 
 def load_average() -> float | None:

@@ -35,12 +35,17 @@ def _cells(row: dict) -> list[str]:
 
 
 def _load_warning(machine: dict) -> list[str]:
-    """A note when the machine was busy with other work during the run (timings are then inflated)."""
+    """A note when the machine was busy with other work during the run (timings are then inflated):
+    from the CPU time in use as the run started, or (older results) from the 1-minute load average at
+    the start, which lags (the end value includes the benchmark itself)."""
     start, end = machine.get("load_average_start"), machine.get("load_average_end")
-    if start is None:
+    in_use, cores = machine.get("cores_in_use_start"), machine.get("cores") or 1
+    if start is None and in_use is None:
         return []
     line = f"- 1-minute load average at start / end: {start} / {end}"
-    if start > 0.75 * (machine.get("cores") or 1):  # the end value includes the benchmark itself
+    if in_use is not None:
+        line = f"- CPU in use by other work as the run started: {in_use} of {cores} cores ({line[2:]}; it lags)"
+    if (in_use if in_use is not None else start) > (0.25 if in_use is not None else 0.75) * cores:
         line += " — **the machine was busy with other work: timings are inflated; rerun on an idle machine**"
     return [line]
 

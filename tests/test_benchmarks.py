@@ -234,3 +234,25 @@ def test_busy_machine_is_flagged_in_the_report():
     assert "the machine was busy" in report.markdown(data)
     data["machine"].update(load_average_start=0.2, load_average_end=2.0)  # the end includes the run itself
     assert "busy" not in report.markdown(data)
+    # the CPU time in use at the start decides when it was measured: the load average lags behind
+    data["machine"].update(load_average_start=1.9, cores_in_use_start=0.03, cores=2)
+    assert "busy" not in report.markdown(data) and "0.03 of 2 cores" in report.markdown(data)
+    data["machine"].update(load_average_start=0.1, cores_in_use_start=1.2)
+    assert "the machine was busy" in report.markdown(data)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/stat")
+def test_cores_in_use_sees_a_busy_core():
+    import threading
+
+    from benchmarks.machine import cores_in_use
+
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])
+    spinner.start()
+    try:
+        busy = cores_in_use(0.5)
+    finally:
+        stop.set()
+        spinner.join()
+    assert busy is not None and busy >= 0.6  # the spinning thread's core (and some of pytest's own work)
