@@ -77,6 +77,8 @@ def markdown(data: dict) -> str:
         (
             f"- Time: median of {data['runs']} run(s) after one warm-up on `{data['warmup_file']}` "
             f"({data['long_runs']} on generated long files); audio decoded once, outside the timing"
+            + ("; the runs are rounds: every system once per round, each in a fresh process (load, warm-up, "
+               "one timed run)" if data.get("rounds") else "")
         ),
         (
             "- × real time: audio seconds / time. WER: jiwer on `benchmarks/normalize.py`-normalised text. "

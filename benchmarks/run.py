@@ -124,22 +124,42 @@ def add_ratios(rows: list[dict]) -> None:
             row["ratio_to_whisper_mlx"] = round(row["median_s"] / reference[row["file"]], 2)
 
 
+def merge_rounds(parts: list[dict]) -> dict:
+    """One system's rounds on one file as one raw result: every round's times, the largest peak RSS,
+    the first round's text, load and warm-up times (or the first error)."""
+    failed = [part for part in parts if "error" in part]
+    if failed:
+        return failed[0]
+    merged = dict(parts[0])
+    merged["times"] = [t for part in parts for t in part["times"]]
+    merged["peak_rss_bytes"] = max(part["peak_rss_bytes"] for part in parts)
+    return merged
+
+
 def measure_all(args, systems, pythons, files: list[AudioFile], warmup: AudioFile) -> list[dict]:
+    """Each file's runs in rounds: every system once per round, each in a fresh subprocess (load, warm-up,
+    one timed run). These VMs drift by 10-30% within half an hour; in rounds the drift reaches every
+    system alike instead of favouring the ones measured last."""
     dtype, blas = mlx_dtype(), optimized_blas()
     models = {"mlx": lambda: mlx_model(args.model, dtype), "ct2": lambda: ct2_source(args.model)}
     rows = []
     for audio in files:
         runs = args.long_runs if audio.name in GENERATED else args.runs
-        for system in systems:
-            if "as-installed" in system.tags and "all" not in args.as_installed_files \
-                    and audio.name not in args.as_installed_files:  # fmt: skip
-                continue
-            if system.key not in pythons:
-                continue
-            command = runner_command(system, pythons[system.key], models[system.weights](), audio.samples,
-                                     warmup.samples, runs, dtype, blas)  # fmt: skip
-            print(f"-- {system.key} on {audio.name} (sha256 {audio.sha256[:16]}, {runs} run(s)) ...", flush=True)
-            row = summarize(system, audio, run_measurement(system, command, args.timeout))
+        measured = [s for s in systems if s.key in pythons and not (
+            "as-installed" in s.tags and "all" not in args.as_installed_files
+            and audio.name not in args.as_installed_files)]  # fmt: skip
+        rounds: dict[str, list[dict]] = {s.key: [] for s in measured}
+        for number in range(1, runs + 1):
+            for system in measured:
+                if any("error" in part for part in rounds[system.key]):
+                    continue
+                command = runner_command(system, pythons[system.key], models[system.weights](), audio.samples,
+                                         warmup.samples, 1, dtype, blas)  # fmt: skip
+                print(f"-- {system.key} on {audio.name} (sha256 {audio.sha256[:16]}, round {number} of {runs}) ...",
+                      flush=True)
+                rounds[system.key].append(run_measurement(system, command, args.timeout))
+        for system in measured:
+            row = summarize(system, audio, merge_rounds(rounds[system.key]))
             print("   " + report.one_line(row), flush=True)
             rows.append(row)
     add_ratios(rows)
@@ -192,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     data = {"schema": 1, "date": now.isoformat(timespec="seconds"), "command": command,
             "mode": "quick" if args.quick else "full", "model": args.model, "mlx_dtype": mlx_dtype(),
-            "runs": args.runs, "long_runs": args.long_runs, "warmup_file": args.warmup_file, "machine": info,
+            "runs": args.runs, "rounds": True, "long_runs": args.long_runs, "warmup_file": args.warmup_file,
+            "machine": info,
             "files": [{"name": f.name, "seconds": round(f.seconds, 3), "sha256": f.sha256,
                        "audio": _relative(f.audio)} for f in files],
             "systems": [{"key": s.key, "label": s.label, "notes": s.notes, "batch_size": s.batch_size,

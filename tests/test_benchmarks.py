@@ -256,3 +256,36 @@ def test_cores_in_use_sees_a_busy_core():
         stop.set()
         spinner.join()
     assert busy is not None and busy >= 0.6  # the spinning thread's core (and some of pytest's own work)
+
+
+def test_runs_are_rounds_over_the_systems(monkeypatch, tmp_path):
+    """Every system once per round (the VM's drift reaches all alike); a system that failed is not run
+    again; each system's rounds merge into one row."""
+    from benchmarks import run
+    from benchmarks.corpus import AudioFile
+    from benchmarks.systems import BY_KEY
+
+    calls = []
+
+    def fake_measurement(system, command, timeout):
+        calls.append(system.key)
+        assert command[command.index("--runs") + 1] == "1"  # one timed run per process
+        if system.key == "lightning":
+            return {"error": "exit 1: boom"}
+        return {"times": [0.5 + len(calls)], "text": "and so my fellow americans",
+                "peak_rss_bytes": len(calls) * 2**20, "load_s": 0.1, "warmup_s": 0.2}
+
+    monkeypatch.setattr(run, "run_measurement", fake_measurement)
+    monkeypatch.setattr(run, "mlx_model", lambda model, dtype: tmp_path)
+    monkeypatch.setattr(run, "optimized_blas", lambda: None)
+    keys = ["whisper_mlx-batched", "whisper_mlx", "lightning"]
+    systems = [BY_KEY[key] for key in keys]
+    audio = AudioFile("jfk", tmp_path / "a.flac", "And so my fellow Americans", "en", "0" * 64, 11.0, tmp_path / "a.npy")
+    args = run.parse_args(["--runs", "3", "--systems", *keys])
+    rows = run.measure_all(args, systems, {key: Path(sys.executable) for key in keys}, [audio], audio)
+    assert calls == [*keys, *keys[:2], *keys[:2]]  # round by round; lightning failed in round 1
+    batched, sequential, lightning = rows
+    assert batched["times_s"] == [1.5, 4.5, 6.5] and batched["median_s"] == 4.5
+    assert sequential["peak_rss_mib"] == 7  # the largest of its rounds
+    assert lightning["error"] == "exit 1: boom"
+    assert sequential["ratio_to_whisper_mlx"] == round(5.5 / 4.5, 2)
