@@ -43,9 +43,11 @@ def _load_warning(machine: dict) -> list[str]:
     if start is None and in_use is None:
         return []
     line = f"- 1-minute load average at start / end: {start} / {end}"
+    busy = start is not None and start > 0.75 * cores
     if in_use is not None:
         line = f"- CPU in use by other work as the run started: {in_use} of {cores} cores ({line[2:]}; it lags)"
-    if (in_use if in_use is not None else start) > (0.25 if in_use is not None else 0.75) * cores:
+        busy = in_use > 0.25 * cores
+    if busy:
         line += " — **the machine was busy with other work: timings are inflated; rerun on an idle machine**"
     return [line]
 

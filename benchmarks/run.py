@@ -148,16 +148,16 @@ def measure_all(args, systems, pythons, files: list[AudioFile], warmup: AudioFil
         measured = [s for s in systems if s.key in pythons and not (
             "as-installed" in s.tags and "all" not in args.as_installed_files
             and audio.name not in args.as_installed_files)]  # fmt: skip
+        commands = {s.key: runner_command(s, pythons[s.key], models[s.weights](), audio.samples, warmup.samples, 1,
+                                          dtype, blas) for s in measured}  # fmt: skip
         rounds: dict[str, list[dict]] = {s.key: [] for s in measured}
         for number in range(1, runs + 1):
             for system in measured:
                 if any("error" in part for part in rounds[system.key]):
                     continue
-                command = runner_command(system, pythons[system.key], models[system.weights](), audio.samples,
-                                         warmup.samples, 1, dtype, blas)  # fmt: skip
                 print(f"-- {system.key} on {audio.name} (sha256 {audio.sha256[:16]}, round {number} of {runs}) ...",
                       flush=True)
-                rounds[system.key].append(run_measurement(system, command, args.timeout))
+                rounds[system.key].append(run_measurement(system, commands[system.key], args.timeout))
         for system in measured:
             row = summarize(system, audio, merge_rounds(rounds[system.key]))
             print("   " + report.one_line(row), flush=True)
