@@ -1,11 +1,13 @@
 """The numpy model (MLX's CPU backend) against MLX's modules, and the direct BLAS calls against numpy."""
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from whisper_mlx import host_blas, host_model
+from whisper_mlx import cpu_kernels, host_blas, host_model
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.decoding import DecodingOptions, DecodingTask
 from whisper_mlx.host_model import host_decoder_for, host_encoder_for
@@ -244,3 +246,23 @@ def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch):
     np.testing.assert_array_equal(host.logits(hidden[:1]), host_blas.matmul(hidden[:1], host.embedding_t))
     monkeypatch.setattr(host_blas.PackedOperand, "available", classmethod(lambda cls: False))  # e.g. OpenBLAS
     np.testing.assert_array_equal(host.logits(hidden), plain)
+
+
+def test_windows_encoded_whole_per_thread_give_the_encoders_bits(small_model, monkeypatch):
+    encoder = host_encoder_for(small_model)
+    mels = np.random.default_rng(3).standard_normal((3, 3000, 80), dtype=np.float32)
+    threads = []
+    encode_one = host_model.HostEncoder.__call__
+
+    def spied(self, mel):
+        threads.append(threading.current_thread().name)
+        return encode_one(self, mel)
+
+    monkeypatch.setattr(host_model.HostEncoder, "__call__", spied)
+    together = encoder.encode_windows(mels)
+    assert len(threads) == 3
+    if cpu_kernels.worker_count() > 1 and cpu_kernels._blas_limiter() is not None:
+        assert all(name.startswith("whisper-mlx-cpu") for name in threads[:2])  # whole windows on the workers
+    monkeypatch.undo()
+    for i in range(3):
+        np.testing.assert_array_equal(together[i], encoder(mels[i : i + 1])[0])

@@ -202,7 +202,7 @@ def test_other_lanes_first_windows_are_encoded_beside_the_opening_window(tiny_en
     encoded_on.clear()
     monkeypatch.setattr(module.Context, "encode_ahead", lambda ctx, spans: None)
     alone = transcribe(audio, model=tiny_en, language="en", batch_size=12)
-    assert {thread for thread, _ in encoded_on} == {"MainThread"}
+    assert "whisper-mlx-encode-ahead" not in {thread for thread, _ in encoded_on}
     assert alone["segments"] == result["segments"]  # where a window was encoded changes nothing
 
 

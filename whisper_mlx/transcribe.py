@@ -223,12 +223,16 @@ def encode_windows(model: Whisper, mels: mx.array) -> mx.array:
     """The encoder over a batch of windows, evaluated now.
 
     On the CPU one window at a time: batching gains nothing there (the work is per window) and the
-    (B, heads, 1500, 1500) attention scores of a large batch cost hundreds of MB.
+    (B, heads, 1500, 1500) attention scores of a large batch cost hundreds of MB. The numpy encoder
+    takes several windows at once, one per core (HostEncoder.encode_windows).
     """
     if not on_cpu() or mels.shape[0] == 1:
         features = model.embed_audio(mels)
         mx.eval(features)
         return features
+    host = host_encoder_for(model)
+    if host is not None:
+        return mx.array(host.encode_windows(np.asarray(mels, dtype=np.float32)))
     parts = []
     for i in range(mels.shape[0]):
         parts.append(model.embed_audio(mels[i : i + 1]))
