@@ -78,9 +78,14 @@ def blocks_on_this_thread():
         _this_thread.inline = False
 
 
+def _in_caller(tasks: list) -> bool:
+    """Whether tasks run in the calling thread: threads cannot help, or this thread runs its own."""
+    return len(tasks) < 2 or worker_count() < 2 or getattr(_this_thread, "inline", False) or _blas_limiter() is None
+
+
 def run_blocks(tasks: list) -> None:
     """Run callables on the worker threads (in the calling thread when threads cannot help)."""
-    if len(tasks) < 2 or worker_count() < 2 or getattr(_this_thread, "inline", False) or _blas_limiter() is None:
+    if _in_caller(tasks):
         for task in tasks:
             task()
         return
@@ -95,7 +100,7 @@ def run_whole(tasks: list) -> list:
     inline there, on one BLAS thread): for work, such as an encoder window, whose blocks share two
     cores less well than whole tasks do. Each block is computed as run_blocks would compute it, so
     the results are the same bits."""
-    if len(tasks) < 2 or worker_count() < 2 or getattr(_this_thread, "inline", False) or _blas_limiter() is None:
+    if _in_caller(tasks):
         return [task() for task in tasks]
 
     def whole(task):

@@ -229,8 +229,7 @@ class HostEncoder:
         a window's blocks share two cores less well than whole windows do (tiny.en, 6 windows:
         ~235-265 -> ~200-210 ms a window). A window left over is encoded alone over all the
         workers. Each window's output is the same bits either way (test)."""
-        workers = cpu_kernels.worker_count()
-        whole = len(mels) - len(mels) % workers if workers > 1 else 0
+        whole = len(mels) - len(mels) % cpu_kernels.worker_count()
         encoded = cpu_kernels.run_whole([partial(self, mels[i : i + 1]) for i in range(whole)])
         encoded += [self(mels[i : i + 1]) for i in range(whole, len(mels))]
         return np.concatenate(encoded)
