@@ -89,6 +89,25 @@ def test_host_and_mlx_decoders_decode_alike(small_model, monkeypatch):
         assert a.no_speech_prob == pytest.approx(b.no_speech_prob, abs=1e-5)
 
 
+@pytest.mark.parametrize("rows", [[1, 3, 4], [0, 1], [2], [3, 0, 2]])
+def test_compaction_keeps_the_chosen_rows_caches(small_model, rows):
+    """take() moves ascending rows forward in place (no new buffers), others by indexing: either way
+    the state holds exactly the kept rows' caches, in the given order, and decodes on from them."""
+    host = host_decoder_for(small_model)
+    features = mx.random.normal((5, 1500, 64), key=mx.random.key(4))
+    state = host.new_state(features, np.array([0, 1, 0, 2, 0]), small_model.dims.n_text_ctx)
+    host.hidden(np.random.default_rng(1).integers(0, 50000, size=(5, 6)), state)
+    before = [a.copy() for a in [*state.keys, *state.values, *(a for pair in state.cross_kv for a in pair)]]
+    buffer = state.cross_kv[0][0]
+    state.take(np.array(rows))
+    after = [*state.keys, *state.values, *(a for pair in state.cross_kv for a in pair)]
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old[rows])
+    np.testing.assert_array_equal(state.pad, np.array([0, 1, 0, 2, 0])[rows])
+    assert np.shares_memory(state.cross_kv[0][0], buffer) == (rows == sorted(rows))
+    assert host.hidden(np.full((len(rows), 1), 440), state).shape == (len(rows), 1, 64)
+
+
 def test_sampled_decoding_uses_the_host_decoder_alike(small_model, monkeypatch):
     """Temperature sampling (the fallback ladder's rungs, best_of candidates) also runs its forward passes
     in the numpy decoder, with MLX's filters and sampler: the same draws as the MLX decoder."""
@@ -213,39 +232,6 @@ def test_cpu_kernel_workers_hold_mkl_to_one_thread():
     cpu_kernels.run_blocks([lambda: seen.append(lib.MKL_Get_Max_Threads()) for _ in range(8)])
     assert seen == [1] * 8
 
-
-
-needs_packing = pytest.mark.skipif(not host_blas.PackedOperand.available(), reason="needs MKL's packed products")
-
-
-@needs_packing
-@pytest.mark.parametrize("rows", [1, 2, 6, 13])
-def test_packed_operand_equals_the_plain_product(rows):
-    rng = np.random.default_rng(rows)
-    b = rng.standard_normal((96, 1000), dtype=np.float32)
-    x = rng.standard_normal((rows, 96), dtype=np.float32)
-    packed = host_blas.PackedOperand(b)
-    got = packed.matmul(x)
-    np.testing.assert_allclose(got, x.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
-    if rows > 1:  # the packed and plain MKL kernels agree bit for bit
-        np.testing.assert_array_equal(got, host_blas.matmul(x, b))
-    assert packed.matmul(x[:0]).shape == (0, 1000)
-    with pytest.raises(ValueError):
-        packed.matmul(x[:, :50])
-    with pytest.raises(ValueError):  # only contiguous matrices are packed
-        host_blas.PackedOperand(b[:, ::2])
-
-
-@needs_packing
-def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch):
-    host = host_decoder_for(tiny_en)
-    hidden = np.random.default_rng(0).standard_normal((4, 384), dtype=np.float32)
-    plain = host_blas.matmul(hidden, host.embedding_t)
-    np.testing.assert_array_equal(host.logits(hidden), plain)
-    assert host._packed_embedding is not None  # made on first use with several rows
-    np.testing.assert_array_equal(host.logits(hidden[:1]), host_blas.matmul(hidden[:1], host.embedding_t))
-    monkeypatch.setattr(host_blas.PackedOperand, "available", classmethod(lambda cls: False))  # e.g. OpenBLAS
-    np.testing.assert_array_equal(host.logits(hidden), plain)
 
 
 def test_windows_encoded_whole_per_thread_give_the_encoders_bits(small_model, monkeypatch):

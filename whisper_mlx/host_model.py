@@ -301,9 +301,6 @@ class BackgroundEncoder:
         self._thread.join()
 
 
-PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see host_blas.PackedOperand)
-
-
 class HostDecoder:
     """The decoder's weights as numpy views, and its forward pass over a HostDecoderState."""
 
@@ -315,7 +312,6 @@ class HostDecoder:
         self.ln = HostNorm.of(decoder.ln)
         # (n_state, n_vocab), contiguous: the layout the BLAS streams fastest for a few rows
         self.embedding_t = _np(decoder.transposed_embedding())
-        self._packed_embedding: host_blas.PackedOperand | None = None
 
     def new_state(self, audio_features: mx.array, pad: np.ndarray, max_len: int) -> "HostDecoderState":
         audio = np.ascontiguousarray(np.asarray(audio_features), dtype=np.float32)
@@ -340,14 +336,11 @@ class HostDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
-        80 MB). One row: host_blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy
-        of the embedding, made on first use (greedy sequential decoding never needs it)."""
-        hidden = np.ascontiguousarray(hidden)
-        if hidden.shape[0] >= PACKED_MIN_ROWS and host_blas.PackedOperand.available():
-            if self._packed_embedding is None:
-                self._packed_embedding = host_blas.PackedOperand(self.embedding_t)
-            return self._packed_embedding.matmul(hidden)
-        return host_blas.matmul(hidden, self.embedding_t)
+        80 MB of embedding). MKL's packed copy of the embedding (cblas_sgemm_pack, 140 MB) was faster
+        with cold caches (6 rows ~4.5 against ~6.6 ms) but slower inside the run, where this VM's 300 MB
+        L3 keeps part of the smaller plain copy between steps (alice_ch1, interleaved: 11.02/11.48/11.96
+        packed, 10.60/10.78/11.71 s plain, same text)."""
+        return host_blas.matmul(np.ascontiguousarray(hidden), self.embedding_t)
 
 
 class HostDecoderState:
@@ -387,10 +380,22 @@ class HostDecoderState:
         return np.where(blocked, NEG_INF, np.float32(0))[:, None]
 
     def take(self, rows: np.ndarray) -> None:
-        """Keep only `rows` (compaction after rows finish)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.cross_kv = [(keys_t[rows], values[rows]) for keys_t, values in self.cross_kv]
+        """Keep only `rows` (compaction after rows finish). Ascending rows move forward inside the
+        buffers they are in (only the rows after the first dropped one are copied, and no new ~100 MB
+        of cross-attention is allocated: the copies were ~0.2 s of alice_ch1)."""
+        rows = np.asarray(rows)
+        if len(rows) and np.all(np.diff(rows) > 0):
+            moves = [(dst, int(src)) for dst, src in enumerate(rows) if dst != src]
+            kept = slice(0, len(rows))
+            arrays = [*self.keys, *self.values, *(a for pair in self.cross_kv for a in pair)]
+            for array in arrays:
+                for dst, src in moves:  # src > dst: a row is read before anything overwrites it
+                    array[dst] = array[src]
+        else:
+            kept = rows
+        self.keys = [k[kept] for k in self.keys]
+        self.values = [v[kept] for v in self.values]
+        self.cross_kv = [(keys_t[kept], values[kept]) for keys_t, values in self.cross_kv]
         self.pad = self.pad[rows]
 
 
