@@ -337,9 +337,8 @@ class HostDecoder:
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
         80 MB of embedding). MKL's packed copy of the embedding (cblas_sgemm_pack, 140 MB) was faster
-        with cold caches (6 rows ~4.5 against ~6.6 ms) but slower inside the run, where this VM's 300 MB
-        L3 keeps part of the smaller plain copy between steps (alice_ch1, interleaved: 11.02/11.48/11.96
-        packed, 10.60/10.78/11.71 s plain, same text)."""
+        with cold caches (6 rows ~4.5 against ~6.6 ms) but slower inside the run (alice_ch1,
+        interleaved: 11.02/11.48/11.96 s packed, 10.60/10.78/11.71 s plain, same text)."""
         return host_blas.matmul(np.ascontiguousarray(hidden), self.embedding_t)
 
 
