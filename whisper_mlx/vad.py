@@ -15,8 +15,8 @@ LANE_CUT_SEARCH = 5 * FRAMES_PER_SECOND  # a lane boundary moves at most 5 s to 
 # Shorter lanes put more rows in each decoding step (fewer steps over the file); each lane start loses
 # the previous text (see transcribe.prime_lanes). alice_ch1, tiny.en, lanes primed with the opening
 # window: 45 s WER 11.9%, 60 s 10.9%, 90 s 11.4% (cold 120 s lanes: 11.0%, sequential 11.5%). Later,
-# with the whole-window encoder: 52 s 12.4%, 56 s 12.6%, 70 s 10.8% but 516 steps against 459 (5 lanes),
-# 84 s 11.4% and 608 steps; 60 s was also the fastest of these.
+# with the whole-window encoder: 52 s 12.4% (383 steps against 459, times within the VM's noise),
+# 56 s 12.6%, 70 s 10.8% but 516 steps (5 lanes, 12.2-13.7 s against 11.0-11.9 s), 84 s 11.4%, 608 steps.
 MIN_LANE_FRAMES = 60 * FRAMES_PER_SECOND
 
 
