@@ -234,6 +234,39 @@ def test_cpu_kernel_workers_hold_mkl_to_one_thread():
 
 
 
+needs_packing = pytest.mark.skipif(not host_blas.PackedOperand.available(), reason="needs MKL's packed products")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 2, 6, 13])
+def test_packed_operand_equals_the_plain_product(rows):
+    rng = np.random.default_rng(rows)
+    b = rng.standard_normal((96, 1000), dtype=np.float32)
+    x = rng.standard_normal((rows, 96), dtype=np.float32)
+    packed = host_blas.PackedOperand(b)
+    got = packed.matmul(x)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+    if rows > 1:  # the packed and plain MKL kernels agree bit for bit
+        np.testing.assert_array_equal(got, host_blas.matmul(x, b))
+    assert packed.matmul(x[:0]).shape == (0, 1000)
+    with pytest.raises(ValueError):
+        packed.matmul(x[:, :50])
+    with pytest.raises(ValueError):  # only contiguous matrices are packed
+        host_blas.PackedOperand(b[:, ::2])
+
+
+@needs_packing
+def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch):
+    host = host_decoder_for(tiny_en)
+    hidden = np.random.default_rng(0).standard_normal((4, 384), dtype=np.float32)
+    plain = host_blas.matmul(hidden, host.embedding_t)
+    np.testing.assert_array_equal(host.logits(hidden), plain)
+    assert host._packed_embedding is not None  # made on first use with several rows
+    np.testing.assert_array_equal(host.logits(hidden[:1]), host_blas.matmul(hidden[:1], host.embedding_t))
+    monkeypatch.setattr(host_blas.PackedOperand, "available", classmethod(lambda cls: False))  # e.g. OpenBLAS
+    np.testing.assert_array_equal(host.logits(hidden), plain)
+
+
 def test_windows_encoded_whole_per_thread_give_the_encoders_bits(small_model, monkeypatch):
     encoder = host_encoder_for(small_model)
     mels = np.random.default_rng(3).standard_normal((3, 3000, 80), dtype=np.float32)

@@ -301,6 +301,9 @@ class BackgroundEncoder:
         self._thread.join()
 
 
+PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see host_blas.PackedOperand)
+
+
 class HostDecoder:
     """The decoder's weights as numpy views, and its forward pass over a HostDecoderState."""
 
@@ -312,6 +315,7 @@ class HostDecoder:
         self.ln = HostNorm.of(decoder.ln)
         # (n_state, n_vocab), contiguous: the layout the BLAS streams fastest for a few rows
         self.embedding_t = _np(decoder.transposed_embedding())
+        self._packed_embedding: host_blas.PackedOperand | None = None
 
     def new_state(self, audio_features: mx.array, pad: np.ndarray, max_len: int) -> "HostDecoderState":
         audio = np.ascontiguousarray(np.asarray(audio_features), dtype=np.float32)
@@ -336,10 +340,14 @@ class HostDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
-        80 MB of embedding). MKL's packed copy of the embedding (cblas_sgemm_pack, 140 MB) was faster
-        with cold caches (6 rows ~4.5 against ~6.6 ms) but slower inside the run (alice_ch1,
-        interleaved: 11.02/11.48/11.96 s packed, 10.60/10.78/11.71 s plain, same text)."""
-        return host_blas.matmul(np.ascontiguousarray(hidden), self.embedding_t)
+        80 MB). One row: host_blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy
+        of the embedding, made on first use (greedy sequential decoding never needs it)."""
+        hidden = np.ascontiguousarray(hidden)
+        if hidden.shape[0] >= PACKED_MIN_ROWS and host_blas.PackedOperand.available():
+            if self._packed_embedding is None:
+                self._packed_embedding = host_blas.PackedOperand(self.embedding_t)
+            return self._packed_embedding.matmul(hidden)
+        return host_blas.matmul(hidden, self.embedding_t)
 
 
 class HostDecoderState:
