@@ -41,7 +41,7 @@ def optimized_blas() -> str | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        from whisper_mlx.backend import find_blas
+        from whisper_mlx.runtime import find_blas
     except ImportError:
         candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
         return candidates[0] if candidates else None

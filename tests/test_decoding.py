@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from reference_rules import reference_filter
+from whisper_mlx.backends.mlx_backend import MLXBackend
+from whisper_mlx.backends.numpy_backend import NumpyBackend
 from whisper_mlx.decoding import (ApplyTimestampRules, DecodingOptions, DecodingTask, SuppressTokens,
                                   TimestampHistory, compression_ratio, rank_candidates, select_tokens)
 from whisper_mlx.errors import DecodingError
@@ -15,17 +17,18 @@ from whisper_mlx.whisper import ModelDimensions, Whisper
 N_VOCAB = 51864  # tiny.en
 
 
-def random_history(rng, batch, n, ts_begin):
+def random_history(rng, batch, n, ts_begin, xp=mx):
     seqs = [[int(rng.integers(ts_begin, ts_begin + 40)) if rng.random() < 0.5 else int(rng.integers(0, 500))
              for _ in range(n)] for _ in range(batch)]
-    history = TimestampHistory.empty(batch)
+    history = TimestampHistory.empty(batch, xp)
     for i in range(n):
-        history = history.push(mx.array([s[i] for s in seqs], dtype=mx.int32), ts_begin)
+        history = history.push(xp.array([s[i] for s in seqs], dtype=xp.int32), ts_begin)
     return seqs, history
 
 
+@pytest.mark.parametrize("xp", [mx, np], ids=["mlx", "numpy"])
 @pytest.mark.parametrize("seed", range(6))
-def test_timestamp_rules_equal_reference(seed):
+def test_timestamp_rules_equal_reference(seed, xp):
     tokenizer = get_tokenizer(False)
     ts_begin = tokenizer.timestamp_begin
     suppressed = list(tokenizer.non_speech_tokens) + [tokenizer.sot, tokenizer.no_speech]
@@ -35,10 +38,10 @@ def test_timestamp_rules_equal_reference(seed):
     rng = np.random.default_rng(seed)
     for trial in range(25):
         n = int(rng.integers(0, 6))
-        seqs, history = random_history(rng, 5, n, ts_begin)
+        seqs, history = random_history(rng, 5, n, ts_begin, xp)
         logits = rng.normal(size=(5, N_VOCAB)) * 3
         logits[:, ts_begin:] += rng.normal() * 6  # sometimes timestamps dominate, sometimes text
-        got = rules.apply(suppressor.apply(mx.array(logits.astype(np.float32)), n), history, n)
+        got = rules.apply(suppressor.apply(xp.array(logits.astype(np.float32)), n), history, n)
         got = np.array(got)
         want = reference_filter(logits, seqs, ts_begin=ts_begin, eot=tokenizer.eot,
                                 no_timestamps=tokenizer.no_timestamps, suppress=suppressed, blank=blank,
@@ -109,14 +112,12 @@ def test_batch_equals_single_and_compaction(random_model):
         assert b.avg_logprob == pytest.approx(s.avg_logprob, abs=1e-4)
 
 
-def test_greedy_host_and_device_filters_decode_alike(random_model, monkeypatch):
+def test_numpy_and_mlx_backends_decode_alike(random_model):
     features = mx.random.normal((3, 1500, 64), key=mx.random.key(7))
-    task = DecodingTask(random_model, DecodingOptions(language="en", sample_len=16))
+    options = DecodingOptions(language="en", sample_len=16)
     prompts = [None, "a prompt of some words", None]
-    monkeypatch.setattr(DecodingTask, "_greedy_on_host", lambda self, t: True)  # numpy filters
-    got = task.run(features, prompts)
-    monkeypatch.setattr(DecodingTask, "_greedy_on_host", lambda self, t: False)  # MLX filters
-    other = task.run(features, prompts)
+    got = DecodingTask(random_model, options, backend=NumpyBackend(random_model)).run(np.array(features), prompts)
+    other = DecodingTask(random_model, options, backend=MLXBackend(random_model)).run(features, prompts)
     assert [r.tokens for r in got] == [r.tokens for r in other]
     assert any(r.tokens for r in got)
     for a, b in zip(got, other):

@@ -287,9 +287,9 @@ def test_get_cached_model_loads_once_across_threads(converted, monkeypatch):
     calls = []
     real_build = load_models.build_model
 
-    def counting_build(checkpoint, dtype=None):
+    def counting_build(checkpoint, dtype=None, backend=None):
         calls.append(dtype)
-        return real_build(checkpoint, dtype)
+        return real_build(checkpoint, dtype, backend)
 
     monkeypatch.setattr(load_models, "build_model", counting_build)
     barrier = threading.Barrier(4)

@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import whisper_mlx.backend as backend
+import whisper_mlx  # noqa: F401  (preloads the fast BLAS before mlx.core)
+from whisper_mlx import timing
+from whisper_mlx.timing import WordTiming, dtw, median_filter, merge_punctuations
 
-backend.preload_blas()
-
-from whisper_mlx import timing  # noqa: E402
-from whisper_mlx.timing import WordTiming, dtw, median_filter, merge_punctuations  # noqa: E402
+from fake_backends import counting
 
 DATA = Path(__file__).parent / "data"
 JFK_FIRST = " And so my fellow Americans,"
@@ -180,31 +179,23 @@ def test_next_words_segment():
 
 @pytest.fixture(scope="module")
 def jfk():
-    import mlx.core as mx
-
     from whisper_mlx.audio import N_FRAMES, log_mel_spectrogram, pad_or_trim
+    from whisper_mlx.backends import backend_for
     from whisper_mlx.load_models import default_model_path, load_model
     from whisper_mlx.tokenizer import get_tokenizer
 
     model = load_model(default_model_path())
     tokenizer = get_tokenizer(model.is_multilingual)
     mel = log_mel_spectrogram(str(DATA / "jfk.flac"))
-    features = model.embed_audio(pad_or_trim(mel, N_FRAMES, axis=0)[None])
-    mx.eval(features)
+    features = backend_for(model).encode(pad_or_trim(mel, N_FRAMES, axis=0)[None])
     return model, tokenizer, features, mel.shape[0]
 
 
 @pytest.fixture
-def no_encoder(jfk, monkeypatch):
+def no_encoder(jfk):
     """Fail loudly if word timing runs the encoder: it must reuse the window's audio features."""
-    model = jfk[0]
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the encoder must not run during word timing")
-
-    monkeypatch.setattr(model, "embed_audio", forbidden)
-    monkeypatch.setattr(type(model.encoder), "__call__", forbidden)
-    return jfk
+    with counting(jfk[0], forbid=("encode", "encode_ahead")):
+        yield jfk
 
 
 def _align(jfk, segments, **kwargs):

@@ -1,12 +1,12 @@
 """whisper_mlx: OpenAI Whisper on MLX, fast (batched) and faithful to openai-whisper's semantics."""
 
-from .backend import preload_blas as _preload_blas
+from .runtime import preload_blas as _preload_blas
 
 _preload_blas()  # before anything imports mlx.core
 
 from ._version import __version__  # noqa: E402
 from .audio import load_audio, log_mel_spectrogram, pad_or_trim  # noqa: E402
-from .backend import backend_info  # noqa: E402
+from .backends import backend_info  # noqa: E402
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language  # noqa: E402
 from .load_models import load_model  # noqa: E402
 from .transcribe import transcribe  # noqa: E402

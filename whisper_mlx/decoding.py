@@ -1,25 +1,23 @@
 """Decoding of 30-second windows, batched: openai-whisper's semantics with the per-step work kept on
-the device (logit filters are vectorised MLX ops over the whole batch; one host sync per step).
-On MLX's CPU backend, whose elementwise kernels are scalar, greedy steps run the same filters in numpy
-over the whole batch instead (see `array_module`): the CPU is the device there, and numpy is its faster
-vector unit.
+the backend's device (logit filters are vectorised ops over the whole batch; one host sync per step).
 
-Built from small parts, as openai's decoder is: a token sampler, logit filters, a ranker for best_of.
+The filters are written once over the backend's array module (`mlx.core` or `numpy`, see
+`array_module`); the model work goes through the backend interface only. Built from small parts, as
+openai's decoder is: a token sampler, logit filters, a ranker for best_of.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
-from typing import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .audio import CHUNK_LENGTH, N_FRAMES
-from .backend import on_cpu
+from .backends import Backend, backend_for
 from .errors import DecodingError
-from .host_model import HostDecoder, host_decoder_for
 from .tokenizer import Tokenizer, get_tokenizer
 from .whisper import Whisper
 
@@ -31,14 +29,19 @@ def array_module(x):
     return np if isinstance(x, np.ndarray) else mx
 
 
-def logsumexp(x, axis: int = -1):
-    xp = array_module(x)
-    if xp is mx:
-        return mx.logsumexp(x, axis=axis)
+def logsumexp(x, axis: int = -1, keepdims: bool = False):
+    if array_module(x) is mx:
+        return mx.logsumexp(x, axis=axis, keepdims=keepdims)
     top = np.max(x, axis=axis, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(divide="ignore"):  # an all -inf slice gives -inf, as in MLX
-        return np.squeeze(top + np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True)), axis=axis)
+        total = top + np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True))
+    return total if keepdims else np.squeeze(total, axis=axis)
+
+
+def take_rows(array, rows):
+    """array[rows] for a list or numpy array of row indices, whichever array module holds it."""
+    return array[array_module(array).array(np.asarray(rows))]
 
 
 def compression_ratio(text: str) -> float:
@@ -80,7 +83,7 @@ class DecodingOptions:
 
 @dataclass
 class DecodingResult:
-    audio_features: mx.array | None
+    audio_features: Any
     language: str
     language_probs: dict[str, float] | None = None
     tokens: list[int] = field(default_factory=list)
@@ -110,8 +113,25 @@ class SuppressTokens:
         return logits + (first if n_sampled == 0 else always)
 
 
+@dataclass(frozen=True)
+class _VocabMasks:
+    """The vocabulary-wide constants of the timestamp rules, in one array module."""
+
+    vocab: Any  # (V,) token ids
+    is_timestamp: Any
+    is_text: Any  # text proper (EOT excluded)
+    is_text_or_eot: Any
+    first_mask: Any  # additive mask of the first sampled position
+    special_bias: Any  # additive mask of the specials between EOT and the timestamps
+    first_stamps: Any  # first_mask over the timestamps only
+    ts_vocab: Any  # the timestamp token ids
+
+    def to_mlx(self) -> _VocabMasks:
+        return _VocabMasks(*(mx.array(getattr(self, f.name)) for f in fields(self)))
+
+
 class ApplyTimestampRules:
-    """openai's timestamp rules as batch-wide MLX ops, from a small per-row state on the device:
+    """openai's timestamp rules as batch-wide array ops, from a small per-row state on the device:
 
     - timestamps come in pairs (a start and an end), except directly before EOT;
     - timestamps never decrease, and a segment has non-zero length;
@@ -124,39 +144,38 @@ class ApplyTimestampRules:
         self.eot = tokenizer.eot
         self.no_timestamps = tokenizer.no_timestamps
         self.max_initial_timestamp_index = max_initial_timestamp_index
-        vocab = mx.arange(n_vocab)
-        self.is_timestamp = vocab >= self.ts_begin
-        self.is_text = vocab < self.eot  # text proper (EOT excluded)
-        self.is_text_or_eot = vocab < self.ts_begin
-        first = mx.where(self.is_text_or_eot | (vocab == self.no_timestamps), NEG_INF, 0.0)
+        vocab = np.arange(n_vocab)
+        is_text_or_eot = vocab < self.ts_begin
+        first = np.where(is_text_or_eot | (vocab == self.no_timestamps), NEG_INF, 0.0).astype(np.float32)
         if max_initial_timestamp_index is not None:
-            first = mx.where(vocab > self.ts_begin + max_initial_timestamp_index, NEG_INF, first)
-        self.first_mask = first
-        self.vocab = vocab
-        self.special_bias = mx.where(vocab[self.eot + 1 : self.ts_begin] == self.no_timestamps, NEG_INF, 0.0)
-        # what the greedy path needs, for both array modules
-        self.greedy_constants = {xp: (convert(self.special_bias), convert(self.first_mask[self.ts_begin :]),
-                                      convert(vocab[self.ts_begin :]))
-                                 for xp, convert in ((mx, lambda a: a), (np, np.array))}
+            first = np.where(vocab > self.ts_begin + max_initial_timestamp_index, NEG_INF, first).astype(np.float32)
+        special = vocab[self.eot + 1 : self.ts_begin] == self.no_timestamps
+        masks = _VocabMasks(vocab, vocab >= self.ts_begin, vocab < self.eot, is_text_or_eot, first,
+                            np.where(special, NEG_INF, 0.0).astype(np.float32), first[self.ts_begin :],
+                            vocab[self.ts_begin :])
+        self.masks = {np: masks, mx: masks.to_mlx()}
 
-    def apply(self, logits: mx.array, history: "TimestampHistory", n_sampled: int) -> mx.array:
+    def apply(self, logits, history: TimestampHistory, n_sampled: int):
+        xp = array_module(logits)
+        masks = self.masks[xp]
         if n_sampled == 0:
-            logits = logits + self.first_mask
+            logits = logits + masks.first_mask
         else:
-            logits = mx.where(self._row_mask(history, n_sampled), NEG_INF, logits)
-        return self._prefer_timestamps(logits)
+            logits = xp.where(self._row_mask(history, n_sampled, masks), NEG_INF, logits)
+        return self._prefer_timestamps(logits, masks)
 
-    def _row_mask(self, history: "TimestampHistory", n_sampled: int) -> mx.array:
+    def _row_mask(self, history: TimestampHistory, n_sampled: int, masks: _VocabMasks):
+        xp = array_module(history.last)
         last_ts = history.last >= self.ts_begin
-        penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else mx.ones_like(last_ts)
+        penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else xp.ones_like(last_ts)
         pair_closed = (last_ts & penultimate_ts)[:, None]  # two timestamps in a row: text must follow
         pair_open = (last_ts & ~penultimate_ts)[:, None]  # a lone timestamp: close it (or EOT)
-        mask = (pair_closed & self.is_timestamp) | (pair_open & self.is_text)
+        mask = (pair_closed & masks.is_timestamp) | (pair_open & masks.is_text)
         # no timestamp below the last one; strictly above it unless it closes the pair
-        lowest = mx.where(last_ts & ~penultimate_ts, history.last_timestamp, history.last_timestamp + 1)
-        below = self.is_timestamp & (self.vocab[None, :] < lowest[:, None])
+        lowest = xp.where(last_ts & ~penultimate_ts, history.last_timestamp, history.last_timestamp + 1)
+        below = masks.is_timestamp & (masks.vocab[None, :] < lowest[:, None])
         mask = mask | (below & (history.last_timestamp >= 0)[:, None])
-        return mask | (self.vocab == self.no_timestamps)
+        return mask | (masks.vocab == self.no_timestamps)
 
     def greedy(self, logits: mx.array, history: "TimestampHistory", n_sampled: int) -> tuple[mx.array, mx.array]:
         """Greedy token and its log probability under the rules, without building the masked logits.
@@ -166,7 +185,8 @@ class ApplyTimestampRules:
         kernels are scalar, so each full-vocabulary pass costs milliseconds per step.
         """
         eot, ts_begin, xp = self.eot, self.ts_begin, array_module(logits)
-        special_bias, first_stamps, ts_vocab = self.greedy_constants[xp]
+        masks = self.masks[xp]
+        special_bias, first_stamps, ts_vocab = masks.special_bias, masks.first_stamps, masks.ts_vocab
         text, special, stamps = logits[:, :eot], logits[:, eot + 1 : ts_begin], logits[:, ts_begin:]
         special = special + special_bias  # <|notimestamps|> is never sampled
         stamps = stamps + self._timestamp_bias(history, n_sampled, first_stamps, ts_vocab)
@@ -209,15 +229,16 @@ class ApplyTimestampRules:
         penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else xp.ones_like(last_ts)
         return ~(last_ts & ~penultimate_ts), xp.ones((batch,), xp.bool_)
 
-    def _prefer_timestamps(self, logits: mx.array) -> mx.array:
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        timestamp_mass = mx.logsumexp(logprobs[:, self.ts_begin :], axis=-1)
-        best_text = mx.max(logprobs[:, : self.ts_begin], axis=-1)
-        force = (timestamp_mass > best_text)[:, None] & self.is_text_or_eot
-        logits = mx.where(force, NEG_INF, logits)
+    def _prefer_timestamps(self, logits, masks: _VocabMasks):
+        xp = array_module(logits)
+        logprobs = logits - logsumexp(logits, axis=-1, keepdims=True)
+        timestamp_mass = logsumexp(logprobs[:, self.ts_begin :], axis=-1)
+        best_text = xp.max(logprobs[:, : self.ts_begin], axis=-1)
+        force = (timestamp_mass > best_text)[:, None] & masks.is_text_or_eot
+        logits = xp.where(force, NEG_INF, logits)
         # defensive: a row must keep at least one candidate (EOT)
-        empty = mx.max(logits, axis=-1, keepdims=True) == NEG_INF
-        return mx.where(empty & (self.vocab == self.eot), 0.0, logits)
+        empty = xp.max(logits, axis=-1, keepdims=True) == NEG_INF
+        return xp.where(empty & (masks.vocab == self.eot), 0.0, logits)
 
 
 @dataclass
@@ -267,11 +288,14 @@ class TimestampHistory:
 # ------------------------------------------------------------------------------ token selection
 
 
-def select_tokens(logits: mx.array, temperature: float) -> mx.array:
-    """Greedy (temperature 0) or a true sample from softmax(logits / temperature)."""
+def select_tokens(logits, temperature: float):
+    """Greedy (temperature 0) or a true sample from softmax(logits / temperature). Samples always come
+    from MLX's generator, so `mx.random.seed` fixes them on every backend."""
+    xp = array_module(logits)
     if temperature == 0:
-        return mx.argmax(logits, axis=-1).astype(mx.int32)
-    return mx.random.categorical(logits / temperature, axis=-1).astype(mx.int32)
+        return xp.argmax(logits, axis=-1).astype(xp.int32)
+    sampled = mx.random.categorical(mx.array(logits / temperature), axis=-1).astype(mx.int32)
+    return sampled if xp is mx else np.array(sampled)
 
 
 def rank_candidates(sum_logprobs: np.ndarray, lengths: np.ndarray, length_penalty: float | None) -> int:
@@ -309,9 +333,10 @@ class DecodingTask:
     language; every row shares the options, the temperature and the length of the SOT sequence.
     """
 
-    def __init__(self, model: Whisper, options: DecodingOptions):
+    def __init__(self, model: Whisper, options: DecodingOptions, backend: Backend | None = None):
         self.model = model
         self.options = options
+        self.backend = backend or backend_for(model)
         self.tokenizer = get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages,
             language=options.language or "en", task=options.task,
@@ -385,7 +410,7 @@ class DecodingTask:
         rows = [self.initial_tokens(p, lang) for p, lang in zip(prompts, languages) for _ in range(n_candidates)]
         features = audio_features
         if n_candidates > 1:
-            features = audio_features[mx.repeat(mx.arange(batch), n_candidates)]
+            features = take_rows(audio_features, np.repeat(np.arange(batch), n_candidates))
         tokens, sum_logprobs, no_speech = self._decode_rows(features, rows, temperature)
         results = []
         for b in range(batch):
@@ -409,53 +434,37 @@ class DecodingTask:
             compression_ratio=compression_ratio(text),
         )
 
-    def _filter_logits(self, logits: mx.array, history: TimestampHistory, n_sampled: int) -> mx.array:
+    def _filter_logits(self, logits, history: TimestampHistory, n_sampled: int):
         logits = self.suppressor.apply(logits, n_sampled)
         if self.timestamp_rules is not None:
             logits = self.timestamp_rules.apply(logits, history, n_sampled)
         return logits
 
-    def _prefill(self, features: mx.array, rows: list[list[int]], on_host: bool):
-        """Feed every row's initial tokens (left-padded); return (the numpy decoder or None, logits of
-        the last position), the no-speech probability at <|startoftranscript|>, and the decoder state.
-        On MLX's CPU backend in float32 the numpy decoder runs every step (see host_model); its logits
-        go back to MLX unless the filters run in numpy too (on_host)."""
+    def _prefill(self, features, rows: list[list[int]]):
+        """Feed every row's initial tokens (left-padded); return the logits of the last position, the
+        no-speech probability at <|startoftranscript|>, and the decoder state."""
         length = max(len(r) for r in rows)
         pad = [length - len(r) for r in rows]
-        tokens = [[self.tokenizer.eot] * p + r for p, r in zip(pad, rows)]
+        tokens = np.array([[self.tokenizer.eot] * p + r for p, r in zip(pad, rows)])
         sot_index = length - len(self.sot_sequence(None)) - len(self.prefix)
-        host = host_decoder_for(self.model)
-        if host is not None:
-            state = host.new_state(features, np.array(pad), self.n_ctx)
-            hidden = host.hidden(np.array(tokens), state, keep=[length - 1, sot_index])
-            logits = host.logits(hidden.swapaxes(0, 1).reshape(-1, hidden.shape[-1]))
-            sot_logits = logits[len(rows):]
-            no_speech = np.exp(sot_logits[:, self.tokenizer.no_speech] - logsumexp(sot_logits))
-            last = logits[: len(rows)]
-            return (host, last if on_host else mx.array(last)), no_speech, state
-        state = self.model.new_state(features, mx.array(pad, dtype=mx.int32))
-        logits, hidden = self.model.step(mx.array(tokens, dtype=mx.int32), state)
-        sot_logits = self.model.decoder.logits(hidden[:, sot_index])
-        no_speech = mx.softmax(sot_logits, axis=-1)[:, self.tokenizer.no_speech]
-        return (None, logits[:, -1]), no_speech, state
+        state = self.backend.new_state(features, np.array(pad))
+        logits, sot_logits = self.backend.prefill(state, tokens, sot_index)
+        no_speech = array_module(sot_logits).exp(sot_logits[:, self.tokenizer.no_speech] - logsumexp(sot_logits))
+        return logits, no_speech, state
 
-    def _greedy_on_host(self, temperature: float) -> bool:
-        """Greedy steps with timestamp rules run their filters in numpy on MLX's CPU backend: ~1 ms
-        instead of ~5 ms per step at B=3 (MLX's CPU exp is scalar; numpy's is vectorised)."""
-        return temperature == 0 and self.timestamp_rules is not None and on_cpu()
-
-    def _sample_step(self, logits: mx.array, rows: _Rows, temperature: float) -> mx.array:
+    def _sample_step(self, logits, rows: _Rows, temperature: float):
         """Filter, select and record one token per row; returns the tokens to feed next."""
         n_sampled = len(rows.sampled)
+        xp = array_module(logits)
         if temperature == 0 and self.timestamp_rules is not None:
             logits = self.suppressor.apply(logits, n_sampled)
             tokens, chosen = self.timestamp_rules.greedy(logits, rows.history, n_sampled)
         else:
             logits = self._filter_logits(logits, rows.history, n_sampled)
             tokens = select_tokens(logits, temperature)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        eot, xp = self.tokenizer.eot, array_module(rows.finished)
+            logprobs = logits - logsumexp(logits, axis=-1, keepdims=True)
+            chosen = xp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        eot = self.tokenizer.eot
         rows.sum_logprobs = rows.sum_logprobs + xp.where(rows.finished, 0.0, chosen)
         tokens = xp.where(rows.finished, eot, tokens)  # a finished row keeps emitting EOT
         rows.finished = rows.finished | (tokens == eot)
@@ -463,48 +472,35 @@ class DecodingTask:
         rows.sampled.append(tokens)
         return tokens
 
-    def _decode_rows(self, features: mx.array, rows_tokens: list[list[int]], temperature: float):
+    def _decode_rows(self, features, rows_tokens: list[list[int]], temperature: float):
         """Decode all rows; returns per-row sampled tokens (EOT excluded), sum logprobs, no-speech probs."""
-        batch = len(rows_tokens)
-        on_host = self._greedy_on_host(temperature)
-        (host, logits), no_speech, state = self._prefill(features, rows_tokens, on_host)
-        rows = _Rows.start(batch, np if on_host else mx)
+        backend, batch = self.backend, len(rows_tokens)
+        logits, no_speech, state = self._prefill(features, rows_tokens)
+        rows = _Rows.start(batch, backend.xp)
         done_tokens: dict[int, list[int]] = {}
         done_logprobs = np.zeros(batch, np.float64)
         max_steps = min(self.sample_len, self.n_ctx - max(len(r) for r in rows_tokens))
         for step in range(max_steps):
             tokens = self._sample_step(logits, rows, temperature)
             if step + 1 < max_steps:
-                logits = self._next_logits(tokens, state, rows, on_host, host)
-            finished = np.array(rows.finished)  # the one host sync of the step (a copy on the host path)
+                logits = backend.step(state, tokens)
+                backend.submit(logits, rows.finished, rows.sum_logprobs)
+            finished = backend.to_host(rows.finished)  # the one host sync of the step
             if finished.all() or step + 1 == max_steps:
                 break
             if finished.sum() * 4 >= len(finished):  # drop finished rows so they stop costing compute
-                keep = self._retire(rows, finished, done_tokens, done_logprobs)
-                state.take(np.array(keep) if host is not None else keep)
-                logits = logits[np.array(keep)] if on_host else logits[keep]
+                keep = backend.xp.array(self._retire(rows, finished, done_tokens, done_logprobs))
+                state.take(keep)
+                logits = logits[keep]
         self._retire(rows, np.ones(len(rows.index), bool), done_tokens, done_logprobs)
-        return [done_tokens[i] for i in range(batch)], done_logprobs, np.array(no_speech)
+        return [done_tokens[i] for i in range(batch)], done_logprobs, backend.to_host(no_speech)
 
-    def _next_logits(self, tokens, state, rows: _Rows, on_host: bool, host: HostDecoder | None):
-        """Feed the sampled tokens; the next step's logits: from the numpy decoder where the model allows
-        it (waited for: the step's one sync), else computed asynchronously on the device, or for the
-        numpy filters from MLX's hidden state."""
-        if host is not None:
-            logits = host.logits(host.hidden(np.asarray(tokens)[:, None], state)[:, -1])
-            return logits if on_host else mx.array(logits)
-        if on_host:
-            hidden = self.model.step(mx.array(tokens)[:, None], state, keep=0)[1][:, -1]
-            return self.model.decoder.host_logits(hidden)
-        logits = self.model.step(tokens[:, None], state)[0][:, -1]
-        mx.async_eval(logits, rows.finished, rows.sum_logprobs)
-        return logits
-
-    def _retire(self, rows: _Rows, finished: np.ndarray, done_tokens: dict, done_logprobs: np.ndarray):
+    def _retire(self, rows: _Rows, finished: np.ndarray, done_tokens: dict, done_logprobs: np.ndarray) -> np.ndarray:
         """Move finished rows' results to the host; keep the others. Returns the kept row indices."""
         xp = array_module(rows.finished)
-        sampled = np.array(xp.stack(rows.sampled, axis=1)) if rows.sampled else np.zeros((len(finished), 0), int)
-        sum_logprobs = np.array(rows.sum_logprobs)
+        to_host = self.backend.to_host
+        sampled = to_host(xp.stack(rows.sampled, axis=1)) if rows.sampled else np.zeros((len(finished), 0), int)
+        sum_logprobs = to_host(rows.sum_logprobs)
         eot = self.tokenizer.eot
         for r in np.flatnonzero(finished):
             seq = sampled[r].tolist()
@@ -512,21 +508,20 @@ class DecodingTask:
             done_logprobs[rows.index[r]] = sum_logprobs[r]
         keep = np.flatnonzero(~finished)
         if len(keep) == 0:
-            return mx.array(keep)
-        row_keep = keep if xp is np else mx.array(keep)
+            return keep
+        row_keep = xp.array(keep)
         rows.index = rows.index[~finished]
         rows.sampled = [xp.array(sampled[~finished])[:, i] for i in range(sampled.shape[1])]
         rows.sum_logprobs = rows.sum_logprobs[row_keep]
         rows.finished = rows.finished[row_keep]
         rows.history = rows.history.take(row_keep)
-        return mx.array(keep)
+        return keep
 
 
 # ------------------------------------------------------------------------ language detection
 
 
-def detect_language(model: Whisper, mel: mx.array | None = None, tokenizer: Tokenizer | None = None,
-                    *, audio_features: mx.array | None = None):
+def detect_language(model: Whisper, mel=None, tokenizer: Tokenizer | None = None, *, audio_features=None):
     """Most likely language per window: (language tokens (B,), [ {code: probability} per window ]).
 
     Pass `audio_features` to reuse an encoder output instead of encoding `mel` again.
@@ -535,23 +530,28 @@ def detect_language(model: Whisper, mel: mx.array | None = None, tokenizer: Toke
         tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
     if tokenizer.language is None or tokenizer.language_token not in tokenizer.sot_sequence:
         raise DecodingError("This model doesn't have language tokens so it can't perform language detection")
+    backend = backend_for(model)
     single = False
     if audio_features is None:
         if mel is None:
             raise DecodingError("detect_language needs mel or audio_features")
         single = mel.ndim == 2
-        audio_features = model.embed_audio(mel[None] if single else mel)
+        audio_features = backend.encode(mel[None] if single else mel)
     batch = audio_features.shape[0]
-    state = model.new_state(audio_features)
-    logits, _ = model.step(mx.full((batch, 1), tokenizer.sot, mx.int32), state)
-    language_tokens = mx.array(list(tokenizer.all_language_tokens))
-    probs = np.array(mx.softmax(logits[:, 0][:, language_tokens], axis=-1))
-    codes = tokenizer.all_language_codes
-    best = mx.array(np.array(tokenizer.all_language_tokens)[probs.argmax(axis=-1)])
-    language_probs = [dict(zip(codes, map(float, row))) for row in probs]
+    state = backend.new_state(audio_features, np.zeros(batch, np.int64))
+    logits, _ = backend.prefill(state, np.full((batch, 1), tokenizer.sot), 0)
+    language_tokens = np.array(tokenizer.all_language_tokens)
+    probs = _softmax(backend.to_host(logits)[:, language_tokens])
+    language_probs = [dict(zip(tokenizer.all_language_codes, map(float, row))) for row in probs]
+    best = mx.array(language_tokens[probs.argmax(axis=-1)])
     if single:
         return best[0], language_probs[0]
     return best, language_probs
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def decode(model: Whisper, mel: mx.array, options: DecodingOptions = DecodingOptions(), **kwargs):
@@ -562,7 +562,7 @@ def decode(model: Whisper, mel: mx.array, options: DecodingOptions = DecodingOpt
     mel = mel[None] if single else mel
     if mel.shape[1] != N_FRAMES:
         mel = _pad_frames(mel)
-    features = model.embed_audio(mel)
+    features = backend_for(model).encode(mel)
     results = decode_features(model, features, options)
     return results[0] if single else results
 
@@ -573,7 +573,7 @@ def _pad_frames(mel: mx.array) -> mx.array:
     return pad_or_trim(mel, N_FRAMES, axis=1)
 
 
-def decode_features(model: Whisper, audio_features: mx.array, options: DecodingOptions,
+def decode_features(model: Whisper, audio_features, options: DecodingOptions,
                     prompts: Sequence | None = None) -> list[DecodingResult]:
     """Decode already-encoded windows, detecting each window's language first if none is set."""
     languages = None

@@ -27,3 +27,7 @@ class WhisperMLXWarning(UserWarning):
 
 class AudioTruncatedWarning(WhisperMLXWarning):
     """The audio file decoded to much less than the duration it declares (likely truncated)."""
+
+
+class BackendError(WhisperMLXError, ValueError):
+    """A backend that does not exist, or cannot run the model on this machine."""

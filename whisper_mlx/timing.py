@@ -113,27 +113,22 @@ def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- alignment
 
 
-def _token_probabilities(logits, tokenizer, text_tokens: list[int]) -> np.ndarray:
+def _token_probabilities(logits: np.ndarray, tokenizer, text_tokens: list[int]) -> np.ndarray:
     """Probability the forced decode gave each text token (softmax over the non-special vocabulary)."""
-    import mlx.core as mx
-
     start = len(tokenizer.sot_sequence)
-    sampled = logits[0, start : start + len(text_tokens), : tokenizer.eot]
-    probs = mx.softmax(sampled.astype(mx.float32), axis=-1, precise=True)
-    picked = probs[mx.arange(len(text_tokens)), mx.array(text_tokens)]
-    return np.array(picked, dtype=np.float64)
+    sampled = logits[start : start + len(text_tokens), : tokenizer.eot].astype(np.float64)
+    sampled = np.exp(sampled - sampled.max(axis=-1, keepdims=True))
+    picked = sampled[np.arange(len(text_tokens)), text_tokens] / sampled.sum(axis=-1)
+    return picked
 
 
-def _alignment_matrix(cross_weights, alignment_heads, num_frames: int, medfilt_width: int,
-                      qk_scale: float) -> np.ndarray:
-    """(tokens, frames) attention matrix: heads' weights re-softmaxed over the window's frames,
-    z-scored over tokens per head, median-filtered along time, averaged over heads."""
-    import mlx.core as mx
-
-    heads = [cross_weights[int(layer)][0, int(head)] for layer, head in np.asarray(alignment_heads)]
-    weights = np.array(mx.stack(heads)[:, :, : num_frames // 2], dtype=np.float32)
-    # The model hands back weights softmaxed over all audio positions; softmax(s * qk) restricted to the
-    # first frames is w ** s renormalised there.
+def _alignment_matrix(weights: np.ndarray, num_frames: int, medfilt_width: int, qk_scale: float) -> np.ndarray:
+    """(tokens, frames) attention matrix from the alignment heads' weights (heads, tokens, audio
+    positions): re-softmaxed over the window's frames, z-scored over tokens per head, median-filtered
+    along time, averaged over heads."""
+    weights = weights[:, :, : num_frames // 2]
+    # The weights come softmaxed over all audio positions; softmax(s * qk) restricted to the first
+    # frames is w ** s renormalised there.
     if qk_scale != 1.0:
         weights = weights**qk_scale
     weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -163,15 +158,16 @@ def find_alignment(model, tokenizer, text_tokens: list[int], audio_features, num
                    medfilt_width: int = 7, qk_scale: float = 1.0) -> list[WordTiming]:
     """Word timings (seconds from the window start) for `text_tokens` given the window's encoder output
     `audio_features` (1, T, D); `num_frames` is the window's number of mel frames holding audio."""
-    import mlx.core as mx
+    from .backends import backend_for
 
     text_tokens = [int(t) for t in text_tokens]
     if len(text_tokens) == 0:
         return []
-    tokens = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]
-    logits, cross_weights = model.forward_with_cross_qk(mx.array([tokens]), audio_features)
+    tokens = np.array([[*tokenizer.sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]])
+    heads = np.asarray(model.alignment_heads).reshape(-1, 2).tolist()
+    logits, weights = backend_for(model).alignment_weights(tokens, audio_features, heads)
     token_probs = _token_probabilities(logits, tokenizer, text_tokens)
-    matrix = _alignment_matrix(cross_weights, model.alignment_heads, num_frames, medfilt_width, qk_scale)
+    matrix = _alignment_matrix(weights, num_frames, medfilt_width, qk_scale)
     matrix = matrix[len(tokenizer.sot_sequence) : -1]
     text_indices, time_indices = dtw(-matrix)
     return _word_timings(tokenizer, text_tokens, token_probs, text_indices, time_indices)

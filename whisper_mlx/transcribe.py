@@ -16,12 +16,10 @@ import mlx.core as mx
 import numpy as np
 import tqdm
 
-from . import cpu_kernels
 from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, MelFrames, log_mel_frames, pad_or_trim
-from .backend import on_cpu
-from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
+from .backends import AheadEncoder, Backend, backend_for
+from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language, take_rows
 from .errors import DecodingError
-from .host_model import BackgroundEncoder, host_encoder_for
 from .segments import clear_empty_segments, split_window
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 from .whisper import Whisper
@@ -115,15 +113,14 @@ class TaskCache:
         return self.tasks[temperature]
 
 
-def decode_with_fallback(tasks: TaskCache, features: mx.array, prompts: list, languages: list,
+def decode_with_fallback(tasks: TaskCache, features, prompts: list, languages: list,
                          options: TranscribeOptions) -> list[DecodingResult]:
     """Decode every row; rows failing the quality checks are decoded again, together, at the next
     temperature of the ladder (their encoder output reused), until they pass or the ladder ends."""
     results: list[DecodingResult | None] = [None] * features.shape[0]
     pending = list(range(features.shape[0]))
     for temperature in options.temperatures:
-        rows = mx.array(pending) if len(pending) < features.shape[0] else None
-        batch = features if rows is None else features[rows]
+        batch = features if len(pending) == features.shape[0] else take_rows(features, pending)
         decoded = tasks.get(temperature).run(batch, [prompts[i] for i in pending],
                                              [languages[i] for i in pending], temperature=temperature)
         failed = []
@@ -173,13 +170,14 @@ class Context:
     """Per-call constants: the model, the mel, the tokenizer and the options."""
 
     model: Whisper
+    backend: Backend
     mel: MelFrames  # n_frames + N_FRAMES of padding; a file's frames stay on disk until read
     content_frames: int
     options: TranscribeOptions
     tasks: TaskCache  # the decoding options, one prepared task per temperature
     language: str | None = None
-    first_window: tuple[int, mx.array] | None = None  # (seek, encoder output) kept from detection
-    ahead: BackgroundEncoder | None = None  # windows being encoded beside the opening window's decoding
+    first_window: tuple[int, object] | None = None  # (seek, encoder output) kept from detection
+    ahead: AheadEncoder | None = None  # windows being encoded beside the opening window's decoding
 
     @property
     def tokenizer(self):
@@ -188,30 +186,27 @@ class Context:
     def window_frames(self, start: int, size: int) -> np.ndarray:
         return pad_or_trim(self.mel.read(start, start + size), N_FRAMES, axis=0)
 
-    def window_mel(self, start: int, size: int) -> mx.array:
-        return mx.array(self.window_frames(start, size))
-
-    def encode(self, starts_sizes: list[tuple[int, int]]) -> mx.array:
+    def encode(self, starts_sizes: list[tuple[int, int]]):
         """Encoder outputs (B, n_audio_ctx, n_state) of windows, reusing the detection window."""
         if len(starts_sizes) == 1 and self.first_window is not None and self.first_window[0] == starts_sizes[0][0]:
             features = self.first_window[1]
             self.first_window = None
             return features
-        if self.ahead is None:
-            return encode_windows(self.model, mx.stack([self.window_mel(s, n) for s, n in starts_sizes]))
-        mine = self.ahead.withdraw(starts_sizes)
+        mine = starts_sizes if self.ahead is None else self.ahead.withdraw(starts_sizes)
+        if len(mine) == len(starts_sizes):
+            return self.backend.encode(np.stack([self.window_frames(s, n) for s, n in mine]))
         features = {}
         if mine:  # encoded here while the background encoder finishes its window
-            encoded = encode_windows(self.model, mx.stack([self.window_mel(s, n) for s, n in mine]))
+            encoded = self.backend.encode(np.stack([self.window_frames(s, n) for s, n in mine]))
             features = {key: encoded[i] for i, key in enumerate(mine)}
-        return mx.stack([features[key] if key in features else mx.array(self.ahead.result(key))
-                         for key in starts_sizes])
+        return self.backend.stack([features[key] if key in features else self.ahead.result(key)
+                                   for key in starts_sizes])
 
     def encode_ahead(self, spans: list[WindowSpan]) -> None:
-        """Start encoding these windows on a background thread (the numpy encoder, on the CPU)."""
-        host = host_encoder_for(self.model)
-        if host is not None and cpu_kernels.worker_count() > 1 and spans:
-            self.ahead = BackgroundEncoder(host, {(s.seek, s.size): self.window_frames(s.seek, s.size) for s in spans})
+        """Start encoding these windows beside the caller's decoding, where the backend offers it."""
+        if spans:
+            self.ahead = self.backend.encode_ahead({(s.seek, s.size): self.window_frames(s.seek, s.size)
+                                                    for s in spans})
 
     def stop_encoding_ahead(self) -> None:
         if self.ahead is not None:
@@ -219,38 +214,17 @@ class Context:
             self.ahead = None
 
 
-def encode_windows(model: Whisper, mels: mx.array) -> mx.array:
-    """The encoder over a batch of windows, evaluated now.
-
-    On the CPU one window at a time: batching gains nothing there (the work is per window) and the
-    (B, heads, 1500, 1500) attention scores of a large batch cost hundreds of MB. The numpy encoder
-    takes several windows at once, one per core (HostEncoder.encode_windows).
-    """
-    if not on_cpu() or mels.shape[0] == 1:
-        features = model.embed_audio(mels)
-        mx.eval(features)
-        return features
-    host = host_encoder_for(model)
-    if host is not None:
-        return mx.array(host.encode_windows(np.asarray(mels, dtype=np.float32)))
-    parts = []
-    for i in range(mels.shape[0]):
-        parts.append(model.embed_audio(mels[i : i + 1]))
-        mx.eval(parts[-1])
-    return mx.concatenate(parts)
-
-
 def detect_file_language(ctx: Context, start: int) -> str:
     """Language of the first window; its encoder output is kept for decoding that window."""
     if not ctx.model.is_multilingual:
         return "en"
     size = min(N_FRAMES, ctx.content_frames - start) if ctx.content_frames > start else N_FRAMES
-    features = encode_windows(ctx.model, ctx.window_mel(start, size)[None])
+    features = ctx.backend.encode(ctx.window_frames(start, size)[None])
     ctx.first_window = (start, features)
     return language_of(ctx, features)
 
 
-def language_of(ctx: Context, features: mx.array) -> str:
+def language_of(ctx: Context, features) -> str:
     """The most likely language of one encoded window."""
     if not ctx.model.is_multilingual:
         return "en"
@@ -303,7 +277,7 @@ class WindowSpan:
         return (self.seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
 
 
-def add_words(ctx: Context, transcript: Transcript, segments: list[dict], features: mx.array, span: WindowSpan):
+def add_words(ctx: Context, transcript: Transcript, segments: list[dict], features, span: WindowSpan):
     from .timing import add_word_timestamps
 
     add_word_timestamps(
@@ -355,7 +329,7 @@ def seek_after_words(segments: list[dict], span: WindowSpan, seek: int, single_e
     return round(end * FRAMES_PER_SECOND)
 
 
-def apply_word_timing(ctx: Context, transcript: Transcript, window, features: mx.array, span: WindowSpan,
+def apply_word_timing(ctx: Context, transcript: Transcript, window, features, span: WindowSpan,
                       seek: int) -> tuple[int, bool]:
     """Adds words to window.segments; returns (next seek, whether to drop the whole window)."""
     from .timing import is_segment_anomaly, next_words_segment
@@ -382,7 +356,7 @@ def apply_word_timing(ctx: Context, transcript: Transcript, window, features: mx
 # ------------------------------------------------------------------- sequential and batched
 
 
-def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features: mx.array,
+def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features,
                    result: DecodingResult) -> int:
     """Turn one decoded window into segments and add them; returns where the next window starts."""
     if should_skip_as_silence(result, ctx.options):
@@ -436,14 +410,13 @@ def run_lanes(ctx: Context, lanes: list[Lane], progress) -> None:
 
 def decode_opening_window(ctx: Context, lanes: list[Lane], progress) -> None:
     """Decode the first lane's first window alone and prime the other lanes with its text. That
-    decoding (one row per step) keeps one core busy: on the CPU the other lanes' first windows are
-    encoded on the other meanwhile, and the BLAS libraries keep to one thread here. alice_ch1, from the
-    opening window to the next batch's encoder outputs, mean of 4 interleaved runs: 2.84 -> 2.47 s."""
+    decoding (one row per step) keeps one core busy, so where the backend can, the other lanes' first
+    windows are encoded beside it."""
     first = lanes[0].next_span(ctx.content_frames)
     if first is not None:  # encoded first, on both cores
         ctx.first_window = (first.seek, ctx.encode([(first.seek, first.size)]))
     ctx.encode_ahead([span for lane in lanes[1:] if (span := lane.next_span(ctx.content_frames)) is not None])
-    with cpu_kernels.one_blas_thread() if ctx.ahead is not None else contextlib.nullcontext():
+    with ctx.ahead.sharing_cores() if ctx.ahead is not None else contextlib.nullcontext():
         decode_batch(ctx, lanes[:1], progress)
     prime_lanes(lanes)
 
@@ -462,16 +435,15 @@ def decode_batch(ctx: Context, lanes: list[Lane], progress) -> bool:
         lane.seek = process_window(ctx, lane.transcript, span, features[i : i + 1], result)
         progress(min(ctx.content_frames, lane.seek) - span.seek)
     del features, results
-    mx.clear_cache()  # MLX keeps freed buffers for reuse; batch shapes vary, so that cache only grows
+    ctx.backend.free_cached_buffers()
     return True
 
 
 def prime_lanes(lanes: list[Lane]) -> None:
     """Give every later lane the first lane's text so far (its opening window) as previous text.
 
-    A lane that starts cold loses the names and terms the recording set up earlier (alice_ch1,
-    60 s lanes: tiny.en hears "Alice" as "now" or "tell us" without them; WER 11.7% cold, 10.9%
-    primed). The opening window is decoded alone first, so the other lanes start one batch later."""
+    A lane that starts cold loses the names and terms the recording set up earlier (docs/experiments.md).
+    The opening window is decoded alone first, so the other lanes start one batch later."""
     first = lanes[0].transcript
     for lane in lanes[1:]:
         lane.transcript.all_tokens = list(first.all_tokens)
@@ -515,13 +487,15 @@ _model_cache: dict = {}
 _model_cache_lock = threading.Lock()
 
 
-def resolve_model(model: Whisper | None, path_or_hf_repo: str | None, fp16: bool | None) -> Whisper:
-    if model is not None:
-        return model
-    from .load_models import default_model_path, get_cached_model
+def resolve_model(model: Whisper | None, path_or_hf_repo: str | None, fp16: bool | None,
+                  backend: str | None = None) -> tuple[Whisper, Backend]:
+    """The model to use (given, or loaded and cached) and its backend."""
+    if model is None:
+        from .load_models import default_model_path, get_cached_model
 
-    dtype = None if fp16 is None else (mx.float16 if fp16 else mx.float32)
-    return get_cached_model(path_or_hf_repo or default_model_path(), dtype)
+        dtype = None if fp16 is None else (mx.float16 if fp16 else mx.float32)
+        model = get_cached_model(path_or_hf_repo or default_model_path(), dtype, backend=backend)
+    return model, backend_for(model, backend)
 
 
 def build_options(temperature, batch_size, verbose, clip_timestamps, **kwargs) -> TranscribeOptions:
@@ -583,6 +557,7 @@ def transcribe(
     clip_timestamps: str | Sequence[float] = "0",
     hallucination_silence_threshold: float | None = None,
     batch_size: int | None = None,
+    backend: str | None = None,
     **decode_options,
 ) -> dict:
     """Transcribe an audio file or waveform; returns openai-whisper's result dict
@@ -590,9 +565,10 @@ def transcribe(
 
     batch_size=1 (default) runs openai's sequential loop (each window conditioned on the previous
     text); batch_size>1 decodes that many windows at once, cut at silences, each prompted with the
-    initial prompt only. Remaining keywords are DecodingOptions fields (language, task, fp16, ...).
+    initial prompt only. backend: "auto", "mlx" or "numpy" (default: the model's, see backends).
+    Remaining keywords are DecodingOptions fields (language, task, fp16, ...).
     """
-    model = resolve_model(model, path_or_hf_repo, decode_options.get("fp16"))
+    model, model_backend = resolve_model(model, path_or_hf_repo, decode_options.get("fp16"), backend)
     options = build_options(
         temperature, batch_size, verbose, clip_timestamps,
         compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
@@ -603,7 +579,7 @@ def transcribe(
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
     mel = log_mel_frames(audio, model.dims.n_mels, padding=N_SAMPLES)
-    ctx = Context(model, mel, mel.n_frames - N_FRAMES, options, TaskCache(model, decoding),
+    ctx = Context(model, model_backend, mel, mel.n_frames - N_FRAMES, options, TaskCache(model, decoding),
                   language=decoding.language)
     if word_timestamps and decoding.task == "translate":
         import warnings

@@ -1,101 +1,47 @@
-"""The Whisper encoder-decoder in MLX, with a preallocated self-attention cache and a once-per-window
-cross-attention cache kept in the layout attention needs.
+"""The Whisper encoder-decoder in pure MLX (mlx-examples' model), with a preallocated self-attention
+cache (mlx-lm's cache protocol: `update_and_fetch`, `offset`) and a once-per-window cross-attention cache.
 
-Parameter names follow mlx-whisper, so mlx-community checkpoints load unchanged.
+Parameter names follow mlx-whisper, so mlx-community checkpoints load unchanged. Nothing here knows the
+device: attention goes through `mx.fast.scaled_dot_product_attention` everywhere, as in mlx-lm.
 """
 
 from __future__ import annotations
-
-import inspect
-import math
-from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_kernels, host_blas
-from .backend import on_cpu
+from .dims import ModelDimensions
+from .dims import sinusoids as sinusoids_table
 
-
-@dataclass(frozen=True)
-class ModelDimensions:
-    n_mels: int
-    n_audio_ctx: int
-    n_audio_state: int
-    n_audio_head: int
-    n_audio_layer: int
-    n_vocab: int
-    n_text_ctx: int
-    n_text_state: int
-    n_text_head: int
-    n_text_layer: int
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "ModelDimensions":
-        fields = inspect.signature(cls).parameters
-        missing = [name for name in fields if name not in config]
-        if missing:
-            raise KeyError(f"model config lacks {', '.join(missing)}")
-        return cls(**{name: int(config[name]) for name in fields})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["ModelDimensions", "Whisper", "sinusoids"]
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> mx.array:
     """Sinusoidal position embedding of the audio encoder, (length, channels)."""
-    assert channels % 2 == 0
-    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = np.exp(-log_timescale_increment * np.arange(channels // 2))
-    scaled_time = np.arange(length)[:, None] * inv_timescales[None, :]
-    return mx.array(np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32))
+    return mx.array(sinusoids_table(length, channels, max_timescale))
 
 
-def use_fused_attention() -> bool:
-    """mx.fast SDPA has fused kernels on Metal and CUDA only; on the CPU the explicit path is faster."""
-    return not on_cpu()
-
-
-def split_heads(x: mx.array, n_head: int) -> mx.array:
-    """(B, L, H·D) -> (B, H, L, D); reshapes only, so numpy arrays work too (host_model)."""
+def split_heads(x, n_head: int):
+    """(B, L, H·D) -> (B, H, L, D); reshapes only, so numpy arrays work too."""
     batch, length, width = x.shape
-    return x.reshape(batch, length, n_head, width // n_head).transpose(0, 2, 1, 3)  # (B, H, L, D)
+    return x.reshape(batch, length, n_head, width // n_head).transpose(0, 2, 1, 3)
 
 
-def merge_heads(x: mx.array) -> mx.array:
+def merge_heads(x):
     batch, n_head, length, head_dim = x.shape
     return x.transpose(0, 2, 1, 3).reshape(batch, length, n_head * head_dim)
 
 
-CPU_KERNEL_MIN_ELEMENTS = 1 << 18  # encoder-sized arrays; the decoder's are too small for the round trip
-
-
-def use_cpu_kernels(x: mx.array, size: int | None = None) -> bool:
-    """Large float32 work on MLX's CPU backend goes to the numpy kernels (see cpu_kernels); `size` is
-    the work's element count when it is not x's (e.g. attention scores)."""
-    return on_cpu() and x.dtype == mx.float32 and (x.size if size is None else size) >= CPU_KERNEL_MIN_ELEMENTS
-
-
-def gelu(x: mx.array) -> mx.array:
-    if use_cpu_kernels(x):
-        return mx.array(cpu_kernels.gelu(np.asarray(x)))
-    return nn.gelu(x)
-
-
 def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-    """softmax(q kᵀ / √d + mask) v over (B, H, L, D) inputs."""
-    scale = q.shape[-1] ** -0.5
-    if use_fused_attention():
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    batch, n_head, length, _ = q.shape
-    if length > 1 and use_cpu_kernels(q, size=batch * n_head * length * k.shape[2]):  # the scores
-        masks = None if mask is None else np.asarray(mask.astype(mx.float32))
-        return mx.array(cpu_kernels.masked_attention(np.asarray(q), np.asarray(k), np.asarray(v), masks))
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    if mask is not None:
-        scores = scores + mask
-    return mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype) @ v
+    """softmax(q kᵀ / √d + mask) v over (B, H, L, D) inputs (the one attention dispatch)."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+
+
+def attention_weights(q: mx.array, k: mx.array) -> mx.array:
+    """The explicit softmax(q kᵀ / √d) in float32, (B, H, L, T): word timing reads these weights."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)
+    return mx.softmax(scores.astype(mx.float32), axis=-1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -107,12 +53,8 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
 
-    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: "KVCache | None" = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: KVCache | None = None) -> mx.array:
         """Self-attention; with a cache, the new keys/values are appended to it first."""
-        if cache is None and mask is None and use_cpu_kernels(x):
-            q, k, v = self.query(x), self.key(x), self.value(x)
-            mx.eval(q, k, v)  # one evaluation for the three projections
-            return self.out(mx.array(cpu_kernels.attention(np.asarray(q), np.asarray(k), np.asarray(v), self.n_head)))
         q = split_heads(self.query(x), self.n_head)
         k = split_heads(self.key(x), self.n_head)
         v = split_heads(self.value(x), self.n_head)
@@ -120,73 +62,31 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         return self.out(merge_heads(attend(q, k, v, mask)))
 
-    def cross_kv(self, xa: mx.array) -> "CrossKV":
-        if use_cpu_kernels(xa) and type(self.key) is nn.Linear and type(self.value) is nn.Linear:
-            bias = np.asarray(self.value.bias) if "bias" in self.value else None
-            keys_t, values = cpu_kernels.cross_keys_values(np.asarray(xa), np.asarray(self.key.weight),
-                                                           np.asarray(self.value.weight), bias, self.n_head)
-            return CrossKV.on_host(keys_t, values)
+    def cross_kv(self, xa: mx.array) -> CrossKV:
         return CrossKV(split_heads(self.key(xa), self.n_head), split_heads(self.value(xa), self.n_head))
 
-    def cross(self, x: mx.array, kv: "CrossKV") -> mx.array:
+    def cross(self, x: mx.array, kv: CrossKV) -> mx.array:
         q = split_heads(self.query(x), self.n_head)
-        return self.out(merge_heads(kv.attend(q)))
+        return self.out(merge_heads(attend(q, kv.keys, kv.values, None)))
 
     def cross_with_weights(self, x: mx.array, xa: mx.array) -> tuple[mx.array, mx.array]:
         """Cross-attention that also returns the (B, H, L, T) attention weights (for word timing)."""
         q = split_heads(self.query(x), self.n_head)
         keys, values = split_heads(self.key(xa), self.n_head), split_heads(self.value(xa), self.n_head)
-        scale = q.shape[-1] ** -0.5
-        weights = mx.softmax(((q * scale) @ keys.swapaxes(-1, -2)).astype(mx.float32), axis=-1)
+        weights = attention_weights(q, keys)
         return self.out(merge_heads(weights.astype(values.dtype) @ values)), weights
 
 
 class CrossKV:
-    """Cross-attention keys/values of one layer for a batch of windows, computed once per window.
-
-    Keys are also kept pre-transposed and pre-scaled for the explicit (CPU) path so no decoding
-    step re-transposes or re-scales the 1500-frame cache. On MLX's CPU backend in float32 that
-    explicit layout is made and kept in numpy (`host`) and read by the numpy kernel. Each step then
-    waits for its query once per layer, which still pays (tiny, MLX ops -> numpy, ms: one step at
-    3 windows in a loop 21.1 -> 18.7; whole greedy steps in a real run, the two taking turns, median:
-    2 windows 21.7 -> 21.1, 1 window 19.9 -> 19.7).
-    """
+    """Cross-attention keys/values (B, H, T, D) of one layer for a batch of windows, computed once per
+    window and made contiguous once: a strided operand would be copied by every step's attention."""
 
     def __init__(self, keys: mx.array, values: mx.array):
-        # contiguous once here: a strided operand is copied by every matmul, i.e. at every step.
-        # The explicit (CPU) path keeps only the pre-transposed, pre-scaled keys.
-        self.values = mx.contiguous(values)  # (B, H, T, D)
-        self.keys = self.scaled_keys_t = self.host = None
-        if use_fused_attention():
-            self.keys = mx.contiguous(keys)  # (B, H, T, D)
-        else:
-            self.scaled_keys_t = mx.contiguous(keys.swapaxes(-1, -2) * keys.shape[-1] ** -0.5)  # (B, H, D, T)
+        self.keys = mx.contiguous(keys)
+        self.values = mx.contiguous(values)
 
-    @classmethod
-    def on_host(cls, scaled_keys_t: np.ndarray, values: np.ndarray) -> "CrossKV":
-        """From float32 numpy keys already scaled and transposed (B, H, D, T) and values (B, H, T, D)."""
-        made = cls.__new__(cls)
-        made.keys = made.scaled_keys_t = made.values = None
-        made.host = (scaled_keys_t, values)
-        return made
-
-    def attend(self, q: mx.array) -> mx.array:
-        if self.keys is not None:
-            return mx.fast.scaled_dot_product_attention(q, self.keys, self.values, scale=q.shape[-1] ** -0.5)
-        if self.host is not None:
-            return mx.array(cpu_kernels.cross_attention(np.asarray(q), *self.host))  # waits for q
-        scores = (q @ self.scaled_keys_t).astype(mx.float32)
-        return mx.softmax(scores, axis=-1).astype(self.values.dtype) @ self.values
-
-    def take(self, rows: mx.array) -> "CrossKV":
-        if self.host is not None:
-            index = np.asarray(rows)
-            return CrossKV.on_host(self.host[0][index], self.host[1][index])
-        taken = CrossKV.__new__(CrossKV)
-        taken.values, taken.host = self.values[rows], None
-        taken.keys = None if self.keys is None else self.keys[rows]
-        taken.scaled_keys_t = None if self.scaled_keys_t is None else self.scaled_keys_t[rows]
-        return taken
+    def take(self, rows: mx.array) -> CrossKV:
+        return CrossKV(self.keys[rows], self.values[rows])
 
 
 class KVCache:
@@ -222,11 +122,7 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state)
 
     def mlp(self, x: mx.array) -> mx.array:
-        x = self.mlp_ln(x)
-        if use_cpu_kernels(x) and type(self.mlp1) is nn.Linear and type(self.mlp2) is nn.Linear:
-            weights = (np.asarray(p) for p in (self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias))
-            return mx.array(cpu_kernels.mlp(np.asarray(x), *weights))
-        return self.mlp2(gelu(self.mlp1(x)))
+        return self.mlp2(nn.gelu(self.mlp1(self.mlp_ln(x))))
 
     def __call__(self, x, mask=None, cache=None, cross_kv=None):
         x = x + self.attn(self.attn_ln(x), mask, cache)
@@ -246,8 +142,8 @@ class AudioEncoder(nn.Module):
 
     def __call__(self, mel: mx.array) -> mx.array:
         """mel (B, n_frames, n_mels) -> audio features (B, n_frames // 2, n_state)."""
-        x = gelu(self.conv1(mel))
-        x = gelu(self.conv2(x))
+        x = nn.gelu(self.conv1(mel))
+        x = nn.gelu(self.conv2(x))
         if x.shape[1] != self._positional_embedding.shape[0]:
             raise ValueError(f"incorrect audio shape: {x.shape[1]} frames after conv, expected "
                              f"{self._positional_embedding.shape[0]}")
@@ -264,44 +160,19 @@ class TextDecoder(nn.Module):
         self.positional_embedding = mx.zeros((n_ctx, n_state), dtype)
         self.blocks = [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
         self.ln = nn.LayerNorm(n_state)
-        self._logits_cache: tuple[mx.array, mx.array] | None = None  # (embedding, its transpose)
 
     def embed(self, tokens: mx.array, positions: mx.array) -> mx.array:
         return self.token_embedding(tokens) + self.positional_embedding[positions]
 
-    def hidden(self, tokens, positions, mask, state: "DecoderState") -> mx.array:
+    def hidden(self, tokens, positions, mask, state: DecoderState) -> mx.array:
         """Final-layer-normed hidden states (B, L, n_state) of new tokens, updating the caches."""
         x = self.embed(tokens, positions)
         for block, cache, cross_kv in zip(self.blocks, state.caches, state.cross_kv):
             x = block(x, mask, cache, cross_kv)
         return self.ln(x)
 
-    def _cpu_float32_embedding(self) -> bool:
-        weight = self.token_embedding.weight
-        return on_cpu() and type(self.token_embedding) is nn.Embedding and weight.dtype == mx.float32
-
     def logits(self, hidden: mx.array) -> mx.array:
-        if not self._cpu_float32_embedding():
-            return self.token_embedding.as_linear(hidden).astype(mx.float32)
-        # On the CPU the logits are the largest read of a decoding step (the whole embedding); the BLAS
-        # streams it fastest transposed and contiguous (tiny, ms: 1 row x @ Wᵀ 10.8, x @ contiguous(Wᵀ)
-        # 4.3; 3 rows on a Xeon with MKL: (W @ xᵀ)ᵀ 6.7, x @ contiguous(Wᵀ) 3.2).
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        return (rows @ self.transposed_embedding()).reshape(*hidden.shape[:-1], -1)
-
-    def host_logits(self, hidden: mx.array) -> np.ndarray:
-        """Logits (rows, n_vocab) of final hidden states (rows, n_state) as a numpy array, evaluated now
-        (one wait), for greedy steps on the CPU (see host_blas for why it calls the BLAS directly)."""
-        if not self._cpu_float32_embedding():
-            return np.asarray(self.logits(hidden))
-        return host_blas.matmul(np.asarray(hidden, dtype=np.float32), np.asarray(self.transposed_embedding()))
-
-    def transposed_embedding(self) -> mx.array:
-        """The token embedding transposed, contiguous (n_state, n_vocab): made once, for the CPU logits."""
-        weight = self.token_embedding.weight
-        if self._logits_cache is None or self._logits_cache[0] is not weight:  # weights replaced: redo
-            self._logits_cache = (weight, mx.contiguous(weight.T))
-        return self._logits_cache[1]
+        return self.token_embedding.as_linear(hidden).astype(mx.float32)
 
 
 class DecoderState:
@@ -351,18 +222,13 @@ class Whisper(nn.Module):
 
     @property
     def is_multilingual(self) -> bool:
-        return self.dims.n_vocab >= 51865
+        return self.dims.is_multilingual
 
     @property
     def num_languages(self) -> int:
-        return self.dims.n_vocab - 51765 - int(self.is_multilingual)
+        return self.dims.num_languages
 
     def embed_audio(self, mel: mx.array) -> mx.array:
-        from .host_model import host_encoder_for  # it builds on this module
-
-        host = host_encoder_for(self)
-        if host is not None:  # MLX's CPU backend, float32, plain layers: the numpy encoder
-            return mx.array(host(np.asarray(mel, dtype=np.float32)))
         return self.encoder(mel.astype(self.dtype))
 
     def new_state(self, audio_features: mx.array, pad: mx.array | None = None) -> DecoderState:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..whisper import ModelDimensions
+from ..dims import ModelDimensions
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
-from ..whisper import ModelDimensions
+from ..dims import ModelDimensions, sinusoids
 from . import Checkpoint
 from .mlx import dequantize_checkpoint, read_json
 from .safetensors import read_safetensors, write_safetensors
@@ -151,15 +151,13 @@ def hf_config(dims: ModelDimensions, dtype: str) -> dict:
 
 def write_hf_checkpoint(checkpoint: Checkpoint, out_dir: str | Path) -> Path:
     """Write config.json, model.safetensors and (with alignment heads) generation_config.json."""
-    from ..whisper import sinusoids
-
     checkpoint = dequantize_checkpoint(checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = _hf_weights(checkpoint.weights)
     dtype = tensors["model.encoder.layer_norm.weight"].dtype
     dims = checkpoint.dims
-    positions = np.array(sinusoids(dims.n_audio_ctx, dims.n_audio_state))
+    positions = sinusoids(dims.n_audio_ctx, dims.n_audio_state)
     tensors["model.encoder.embed_positions.weight"] = positions.astype(dtype)  # transformers stores it
     write_safetensors(tensors, out_dir / "model.safetensors", {"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(dims, str(dtype)), indent=2) + "\n")

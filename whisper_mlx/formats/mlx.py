@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
-from ..whisper import ModelDimensions
+from ..dims import ModelDimensions
 from . import Checkpoint
 from .safetensors import read_safetensors, write_safetensors
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
-from ..whisper import ModelDimensions, sinusoids
+from ..dims import ModelDimensions, sinusoids
 from . import Checkpoint
 from .safetensors import bfloat16_to_float32
 from .torch_pickle import write_torch_zip

@@ -1,5 +1,5 @@
 """Matrix products (and MKL's vectorised exp and normal CDF) on numpy arrays through the BLAS that
-backend.py preloaded for MLX.
+runtime.py preloaded for MLX.
 
 numpy's wheels bring their own OpenBLAS, whose kernels for a few rows are slow: a decoding step's
 (3, 384) x (384, 1536) product takes ~0.3 ms there and ~0.1 ms in MKL; the (3, 384) x (384, 51864)
@@ -9,7 +9,7 @@ cblas_sgemm directly (ctypes, a few µs per call). Without a preloaded BLAS
 several rows read a packed copy of the embedding (PackedOperand).
 
 MKL's vector math library also has the normal CDF, Φ, for the exact GELU x Φ(x): one SIMD pass,
-~1 ns per element, against ~7-14 ns for the ~20 numpy passes of cpu_kernels' erf approximation; and
+~1 ns per element, against ~7-14 ns for the ~20 numpy passes of kernels.py's erf approximation; and
 exp, for the attention's softmax: 0.21 ns per element against numpy's 0.71 (max relative error 6.7e-8
 against numpy's 1.9e-7).
 """
@@ -20,7 +20,7 @@ import ctypes
 
 import numpy as np
 
-from . import backend
+from ... import runtime
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 _library: list = []  # [ctypes library or None], resolved once
@@ -29,7 +29,7 @@ _library: list = []  # [ctypes library or None], resolved once
 def _blas():
     if not _library:
         lib = None
-        path = backend.preloaded_blas_path()
+        path = runtime.preloaded_blas_path()
         if path is not None:
             try:
                 lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -65,7 +65,7 @@ _VECTOR_FUNCTIONS = ("vmsCdfNorm", "vmsExp")
 
 
 def use_one_thread_here() -> None:
-    """MKL runs on the calling thread only, from now on (for cpu_kernels' workers, which share the
+    """MKL runs on the calling thread only, from now on (for kernels.py's workers, which share the
     cores out among themselves). MKL's global thread count, which threadpoolctl sets, did not keep its
     calls from worker threads off other threads: one encoder layer's attention with MKL's products
     took 63-82 ms against 38 with numpy's, and 36 with MKL held to the calling thread."""

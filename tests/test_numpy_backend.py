@@ -1,4 +1,5 @@
-"""The numpy model (MLX's CPU backend) against MLX's modules, and the direct BLAS calls against numpy."""
+"""The numpy backend's model against the MLX model, its threads, its selection, and the direct BLAS calls
+against numpy."""
 
 import threading
 
@@ -6,14 +7,28 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
-from whisper_mlx import cpu_kernels, host_blas, host_model
+from fake_backends import CountingBackend
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
+from whisper_mlx.backends import select_backend
+from whisper_mlx.backends.mlx_backend import MLXBackend
+from whisper_mlx.backends.numpy_backend import NumpyBackend, schedule
+from whisper_mlx.backends.numpy_backend import blas as host_blas
+from whisper_mlx.backends.numpy_backend.model import HostEncoder
 from whisper_mlx.decoding import DecodingOptions, DecodingTask
-from whisper_mlx.host_model import host_decoder_for, host_encoder_for
+from whisper_mlx.errors import BackendError
 from whisper_mlx.whisper import ModelDimensions, Whisper
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy decoder serves MLX's CPU backend only")
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy backend runs where MLX computes on the CPU")
+
+
+def host_decoder_for(model):
+    return NumpyBackend(model).decoder
+
+
+def host_encoder_for(model):
+    return NumpyBackend(model).encoder
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +51,14 @@ def compare_steps(model, features: mx.array, pad: list[int], prompt_length: int,
         tokens[row, :p] = 50256
     host = host_decoder_for(model)
     mlx_state = model.new_state(features, mx.array(pad, dtype=mx.int32))
-    host_state = host.new_state(features, np.array(pad), model.dims.n_text_ctx)
+    host_state = host.new_state(np.array(features), np.array(pad), model.dims.n_text_ctx)
     for step in range(4):
         new = tokens if step == 0 else rng.integers(0, 50000, size=(len(pad), 1))
         _, want = model.step(mx.array(new, dtype=mx.int32), mlx_state)
         got = host.hidden(new, host_state)
         np.testing.assert_allclose(got, np.array(want), atol=atol, rtol=1e-4)
         if step == 0:  # a prompt that keeps two positions: the same states there, and the same caches
-            kept_state = host.new_state(features, np.array(pad), model.dims.n_text_ctx)
+            kept_state = host.new_state(np.array(features), np.array(pad), model.dims.n_text_ctx)
             keep = [prompt_length - 1, pad[-1]]
             np.testing.assert_allclose(host.hidden(new, kept_state, keep=keep), got[:, keep], atol=atol, rtol=1e-4)
             for a, b in zip(kept_state.keys + kept_state.values, host_state.keys + host_state.values):
@@ -59,11 +74,11 @@ def test_host_decoder_equals_mlx_decoder(small_model):
 
 def test_host_decoder_equals_mlx_decoder_tiny_en(tiny_en, data_dir):
     mel = pad_or_trim(log_mel_spectrogram(load_audio(str(data_dir / "jfk.flac"))), 3000, axis=0)
-    features = tiny_en.embed_audio(mel[None])
+    features = MLXBackend(tiny_en).encode(np.array(mel)[None])
     compare_steps(tiny_en, mx.concatenate([features, features]), [0, 4], 12, atol=2e-3)
 
 
-def test_host_and_mlx_decoders_decode_alike(small_model, monkeypatch):
+def test_host_and_mlx_decoders_decode_alike(small_model):
     """Whole greedy decodes, rows finishing at different steps (compaction), prompts of different
     lengths: the same tokens and log probabilities from both decoders."""
     model = Whisper(small_model.dims)
@@ -72,15 +87,12 @@ def test_host_and_mlx_decoders_decode_alike(small_model, monkeypatch):
     embedding[50256] = np.random.default_rng(2).standard_normal(64) * 0.4  # EOT now wins at random steps
     model.decoder.token_embedding.weight = mx.array(embedding)
     features = mx.random.normal((6, 1500, 64), key=mx.random.key(11))
-    task = DecodingTask(model, DecodingOptions(language="en", sample_len=24))
+    options = DecodingOptions(language="en", sample_len=24)
     prompts = [None, "a prompt of some words", "short", None, None, "another prompt"]
-    calls = []
-    real = host_model.HostDecoder.hidden
-    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    got = task.run(features, prompts)
-    assert calls, "greedy decoding on the CPU must use the numpy decoder"
-    monkeypatch.setattr("whisper_mlx.decoding.host_decoder_for", lambda model: None)
-    want = task.run(features, prompts)
+    host = CountingBackend(NumpyBackend(model))
+    got = DecodingTask(model, options, backend=host).run(np.array(features), prompts)
+    assert host.calls["step"] and host.calls["prefill"] == 1
+    want = DecodingTask(model, options, backend=MLXBackend(model)).run(features, prompts)
     assert [r.tokens for r in got] == [r.tokens for r in want]
     lengths = [len(r.tokens) for r in got]
     assert len(set(lengths)) > 2 and max(lengths) > min(lengths) + 3, f"rows should finish at different steps: {lengths}"
@@ -94,7 +106,7 @@ def test_compaction_keeps_the_chosen_rows_caches(small_model, rows):
     """take() moves ascending rows forward in place (no new buffers), others by indexing: either way
     the state holds exactly the kept rows' caches, in the given order, and decodes on from them."""
     host = host_decoder_for(small_model)
-    features = mx.random.normal((5, 1500, 64), key=mx.random.key(4))
+    features = np.array(mx.random.normal((5, 1500, 64), key=mx.random.key(4)))
     state = host.new_state(features, np.array([0, 1, 0, 2, 0]), small_model.dims.n_text_ctx)
     host.hidden(np.random.default_rng(1).integers(0, 50000, size=(5, 6)), state)
     before = [a.copy() for a in [*state.keys, *state.values, *(a for pair in state.cross_kv for a in pair)]]
@@ -108,20 +120,16 @@ def test_compaction_keeps_the_chosen_rows_caches(small_model, rows):
     assert host.hidden(np.full((len(rows), 1), 440), state).shape == (len(rows), 1, 64)
 
 
-def test_sampled_decoding_uses_the_host_decoder_alike(small_model, monkeypatch):
-    """Temperature sampling (the fallback ladder's rungs, best_of candidates) also runs its forward passes
-    in the numpy decoder, with MLX's filters and sampler: the same draws as the MLX decoder."""
+def test_sampled_decoding_on_both_backends_draws_alike(small_model):
+    """Temperature sampling (the fallback ladder's rungs, best_of candidates) with numpy filters and
+    MLX's generator: the same draws as the MLX backend under the same seed."""
     features = mx.random.normal((2, 1500, 64), key=mx.random.key(5))
-    task = DecodingTask(small_model, DecodingOptions(language="en", sample_len=12, temperature=0.7, best_of=2))
-    calls = []
-    real = host_model.HostDecoder.hidden
-    monkeypatch.setattr(host_model.HostDecoder, "hidden", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    options = DecodingOptions(language="en", sample_len=12, temperature=0.7, best_of=2)
     mx.random.seed(21)
-    got = task.run(features, [None, "some words"])
-    assert calls
-    monkeypatch.setattr("whisper_mlx.decoding.host_decoder_for", lambda model: None)
+    got = DecodingTask(small_model, options, backend=NumpyBackend(small_model)).run(np.array(features),
+                                                                                   [None, "some words"])
     mx.random.seed(21)
-    want = task.run(features, [None, "some words"])
+    want = DecodingTask(small_model, options, backend=MLXBackend(small_model)).run(features, [None, "some words"])
     assert [r.tokens for r in got] == [r.tokens for r in want]
     assert all(r.tokens for r in got)
     for a, b in zip(got, want):
@@ -129,26 +137,42 @@ def test_sampled_decoding_uses_the_host_decoder_alike(small_model, monkeypatch):
 
 
 def test_host_decoder_follows_replaced_weights(small_model):
-    first = host_decoder_for(small_model)
-    assert host_decoder_for(small_model) is first  # built once
+    backend = NumpyBackend(small_model)
+    first = backend.decoder
+    assert backend.decoder is first  # built once
     old = small_model.decoder.blocks[0].mlp1.weight
     try:
         small_model.decoder.blocks[0].mlp1.weight = old * 2
-        rebuilt = host_decoder_for(small_model)
+        rebuilt = backend.decoder
         assert rebuilt is not first
         np.testing.assert_array_equal(rebuilt.layers[0].mlp.mlp1.weight, np.array(old * 2))
     finally:
         small_model.decoder.blocks[0].mlp1.weight = old
 
 
-def test_quantized_layers_stay_on_mlx(small_model):
-    model = Whisper(small_model.dims)
-    model.update(small_model.parameters())
-    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
-    assert host_decoder_for(model) is None and host_encoder_for(model) is None
-    assert host_decoder_for(small_model) is not None and host_encoder_for(small_model) is not None
-    features = model.embed_audio(mx.zeros((1, 3000, 80)))  # MLX's modules serve the quantized encoder
+def test_auto_selection_and_models_the_numpy_backend_refuses(small_model, monkeypatch):
+    monkeypatch.delenv("WHISPER_MLX_BACKEND", raising=False)
+    assert select_backend(small_model).name == "numpy"  # plain float32 on the CPU
+    quantized = Whisper(small_model.dims)
+    quantized.update(small_model.parameters())
+    nn.quantize(quantized, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+    half = Whisper(small_model.dims, mx.float16)
+    half.update(small_model.parameters())
+    half.update(tree_map(lambda a: a.astype(mx.float16), half.parameters()))
+    for model, problem in ((quantized, "quantized"), (half, "float16")):
+        assert select_backend(model).name == "mlx"  # auto: MLX serves it
+        assert select_backend(model, "auto").name == "mlx"
+        with pytest.raises(BackendError, match=problem):
+            select_backend(model, "numpy")
+    features = MLXBackend(quantized).encode(np.zeros((1, 3000, 80), np.float32))
     assert features.shape == (1, 1500, 64)
+    with pytest.raises(BackendError, match="unknown backend 'tpu'"):
+        select_backend(small_model, "tpu")
+    monkeypatch.setenv("WHISPER_MLX_BACKEND", "mlx")
+    assert select_backend(small_model).name == "mlx"
+    monkeypatch.setenv("WHISPER_MLX_BACKEND", "cuda")
+    with pytest.raises(BackendError, match="WHISPER_MLX_BACKEND"):
+        select_backend(small_model)
 
 
 def test_background_encoder_gives_the_encoders_bits(tiny_en, data_dir):
@@ -156,7 +180,7 @@ def test_background_encoder_gives_the_encoders_bits(tiny_en, data_dir):
     audio = load_audio(str(data_dir / "jfk.flac"))
     mels = {(0, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio))),
             (100, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio[16000:])))}
-    background = host_model.BackgroundEncoder(encoder, mels)
+    background = schedule.BackgroundEncoder(encoder, mels)
     for key, mel in mels.items():
         np.testing.assert_array_equal(background.result(key), encoder(mel[None])[0])
     assert background.withdraw([(0, 3000), (5, 3000)]) == [(5, 3000)]  # done or unknown: never the caller's
@@ -166,17 +190,17 @@ def test_background_encoder_gives_the_encoders_bits(tiny_en, data_dir):
 def test_background_encoder_leaves_windows_it_has_not_started_to_the_caller(small_model):
     encoder = host_encoder_for(small_model)
     mels = {i: np.zeros((3000, 80), np.float32) for i in range(4)}
-    background = host_model.BackgroundEncoder(encoder, mels)
+    background = schedule.BackgroundEncoder(encoder, mels)
     mine = background.withdraw([3, 2, 1])
     theirs = [key for key in (0, 1, 2, 3) if key not in mine]
     assert 0 in theirs and set(mine) <= {1, 2, 3}
     for key in theirs:
         assert background.result(key).shape == (1500, 64)
     background.close()
-    closed = host_model.BackgroundEncoder(encoder, mels)
+    closed = schedule.BackgroundEncoder(encoder, mels)
     closed.close()  # what it had not started is cancelled: nobody waits for it forever
     assert all(closed._results[key].cancelled() or closed._results[key].done() for key in mels)
-    broken = host_model.BackgroundEncoder(encoder, {0: np.zeros((10, 80), np.float32)})
+    broken = schedule.BackgroundEncoder(encoder, {0: np.zeros((10, 80), np.float32)})
     with pytest.raises(ValueError, match="incorrect audio shape"):  # the thread's error reaches the caller
         broken.result(0)
     broken.close()
@@ -224,12 +248,10 @@ def test_cpu_kernel_workers_hold_mkl_to_one_thread():
     """The workers share the cores out: MKL called from one of them must not start threads of its own."""
     import ctypes
 
-    from whisper_mlx import cpu_kernels
-
     lib = host_blas._blas()
     lib.MKL_Get_Max_Threads.restype = ctypes.c_int
     seen = []
-    cpu_kernels.run_blocks([lambda: seen.append(lib.MKL_Get_Max_Threads()) for _ in range(8)])
+    schedule.run_blocks([lambda: seen.append(lib.MKL_Get_Max_Threads()) for _ in range(8)])
     assert seen == [1] * 8
 
 
@@ -271,16 +293,16 @@ def test_windows_encoded_whole_per_thread_give_the_encoders_bits(small_model, mo
     encoder = host_encoder_for(small_model)
     mels = np.random.default_rng(3).standard_normal((3, 3000, 80), dtype=np.float32)
     threads = []
-    encode_one = host_model.HostEncoder.__call__
+    encode_one = HostEncoder.__call__
 
     def spied(self, mel):
         threads.append(threading.current_thread().name)
         return encode_one(self, mel)
 
-    monkeypatch.setattr(host_model.HostEncoder, "__call__", spied)
+    monkeypatch.setattr(HostEncoder, "__call__", spied)
     together = encoder.encode_windows(mels)
     assert len(threads) == 3
-    if cpu_kernels.worker_count() > 1 and cpu_kernels._blas_limiter() is not None:
+    if schedule.worker_count() > 1 and schedule._blas_limiter() is not None:
         assert all(name.startswith("whisper-mlx-cpu") for name in threads[:2])  # whole windows on the workers
     monkeypatch.undo()
     for i in range(3):

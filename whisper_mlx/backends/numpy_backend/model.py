@@ -1,27 +1,17 @@
-"""The Whisper model in numpy for MLX's CPU backend: the audio encoder, and the text decoder (greedy and
-sampled decoding).
+"""The Whisper model in numpy: the audio encoder and the text decoder of the numpy backend.
 
-MLX's CPU elementwise kernels are scalar and single-threaded, and every hop between an MLX graph and the
-numpy kernels of cpu_kernels is a wait. The encoder here is numpy from the mel on: the convolutions as
-matrix products of shifted views, one fused Q/K/V product, the blocked threaded kernels, numpy layer
-norms (one tiny.en window: 326 ms as MLX ops with the kernels, 299 ms here).
+The encoder is numpy from the mel on: the convolutions as matrix products of shifted views, one fused
+Q/K/V product, the blocked threaded kernels of kernels.py, numpy layer norms. One decoding step is a few
+BLAS calls on the calling thread over views of the model's own weights (zero-copy, except the fused
+Q/K/V projection). The decoder state is a preallocated self-attention cache written in place, the
+cross-attention keys/values computed once per window in the layouts the steps read, and each row's left
+padding.
 
-One decoding step of a Whisper decoder is ~25 small operations per layer on a handful of rows. As MLX
-ops on the CPU each goes through MLX's scheduler (and the numpy cross-attention kernel made the step
-wait for MLX once per layer); the same step in numpy, on the calling thread, is a few BLAS calls on
-views of the model's own weights (zero-copy, except the fused Q/K/V projection). The decoder state
-mirrors `whisper.DecoderState`: a preallocated self-attention cache written in place, the
-cross-attention keys/values computed once per window (by `cpu_kernels.cross_keys_values`, in the
-layouts the steps read), and each row's left padding.
-
-Only float32 models with plain (not quantized) layers take these paths: see `host_encoder_for` and
-`host_decoder_for`; the others keep MLX's modules.
+The weights are views of an MLX model's float32 parameters; MLX itself computes nothing here.
 """
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,9 +20,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import cpu_kernels, host_blas
-from .backend import on_cpu
-from .whisper import merge_heads, split_heads  # reshapes that serve numpy arrays as well
+from ...whisper import merge_heads, split_heads  # reshapes that serve numpy arrays as well
+from . import blas
+from . import kernels
+from .schedule import run_whole, worker_count
 
 NEG_INF = np.float32(-np.inf)
 
@@ -48,7 +39,7 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 def affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """x Wᵀ + b with W as nn.Linear stores it, (out, in): the BLAS reads the transposed view."""
-    out = host_blas.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    out = blas.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         out += bias
     return out
@@ -88,7 +79,7 @@ class HostNorm:
 @dataclass(frozen=True)
 class HostMLP:
     """A block's layer norm and MLP: the rows of a prompt or a window in blocks over the workers
-    (cpu_kernels.mlp), a step's few rows through MKL's products (host_blas)."""
+    (kernels.mlp), a step's few rows through MKL's products (blas.py)."""
 
     ln: HostNorm
     mlp1: HostLinear
@@ -100,9 +91,9 @@ class HostMLP:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         hidden = self.ln(x)
-        if hidden.shape[0] * hidden.shape[1] > cpu_kernels.MLP_BLOCK_ROWS:
-            return cpu_kernels.mlp(hidden, self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
-        return self.mlp2(cpu_kernels.gelu(self.mlp1(hidden)))
+        if hidden.shape[0] * hidden.shape[1] > kernels.MLP_BLOCK_ROWS:
+            return kernels.mlp(hidden, self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
+        return self.mlp2(kernels.gelu(self.mlp1(hidden)))
 
 
 def fused_qkv(attn) -> HostLinear:
@@ -142,7 +133,7 @@ class HostLayer:
 
     def cross_cache(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(keys scaled and transposed (B, H, D, T), values (B, H, T, D)) of encoded windows."""
-        return cpu_kernels.cross_keys_values(audio, self.cross_key_weight, self.cross_value.weight,
+        return kernels.cross_keys_values(audio, self.cross_key_weight, self.cross_value.weight,
                                              self.cross_value.bias, self.n_head)
 
     def __call__(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None,
@@ -152,7 +143,7 @@ class HostLayer:
         attended = self.self_attention(self.attn_ln(x), state, index, mask, keep)
         x = (x if keep is None else x[:, keep]) + attended
         query = split_heads(self.cross_query(self.cross_ln(x)), self.n_head)
-        x = x + self.cross_out(merge_heads(cpu_kernels.cross_attention(query, *state.cross_kv[index])))
+        x = x + self.cross_out(merge_heads(kernels.cross_attention(query, *state.cross_kv[index])))
         return x + self.mlp(x)
 
     def self_attention(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None,
@@ -162,9 +153,9 @@ class HostLayer:
         if keep is not None:
             q, mask = q[:, :, keep], (None if mask is None else mask[:, :, keep])
         if q.shape[2] > 1:  # a prompt: cache-sized blocks over the workers
-            return self.attn_out(merge_heads(cpu_kernels.masked_attention(q, keys, values, mask)))
+            return self.attn_out(merge_heads(kernels.masked_attention(q, keys, values, mask)))
         scaled = q * np.float32(q.shape[-1] ** -0.5)
-        return self.attn_out(merge_heads(cpu_kernels.attend(scaled, keys.swapaxes(-1, -2), values, mask)))
+        return self.attn_out(merge_heads(kernels.attend(scaled, keys.swapaxes(-1, -2), values, mask)))
 
 
 @dataclass(frozen=True)
@@ -184,7 +175,7 @@ class HostEncoderLayer:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         q, k, v = np.split(self.qkv(self.attn_ln(x)), 3, axis=-1)
-        x += self.attn_out(cpu_kernels.attention(q, k, v, self.n_head))
+        x += self.attn_out(kernels.attention(q, k, v, self.n_head))
         x += self.mlp(x)
         return x
 
@@ -214,7 +205,7 @@ class HostEncoder:
         """mel (B, n_frames, n_mels) -> audio features (B, n_frames // 2, n_state)."""
         x = np.ascontiguousarray(mel, dtype=np.float32)
         for weight, bias, stride in self.convs:
-            x = cpu_kernels.gelu(conv1d(x, weight, bias, stride))
+            x = kernels.gelu(conv1d(x, weight, bias, stride))
         if x.shape[1] != self.positional_embedding.shape[0]:
             raise ValueError(f"incorrect audio shape: {x.shape[1]} frames after conv, expected "
                              f"{self.positional_embedding.shape[0]}")
@@ -229,79 +220,13 @@ class HostEncoder:
         a window's blocks share two cores less well than whole windows do (tiny.en, 6 windows:
         ~235-265 -> ~200-210 ms a window). A window left over is encoded alone over all the
         workers. Each window's output is the same bits either way (test)."""
-        whole = len(mels) - len(mels) % cpu_kernels.worker_count()
-        encoded = cpu_kernels.run_whole([partial(self, mels[i : i + 1]) for i in range(whole)])
+        whole = len(mels) - len(mels) % worker_count()
+        encoded = run_whole([partial(self, mels[i : i + 1]) for i in range(whole)])
         encoded += [self(mels[i : i + 1]) for i in range(whole, len(mels))]
         return np.concatenate(encoded)
 
 
-class BackgroundEncoder:
-    """Encodes windows with the numpy encoder on a background thread, on one core, one window at a
-    time, while the calling thread decodes. The opening window of a batched transcription is decoded
-    alone, on one core (transcribe.decode_opening_window): the other lanes' first windows are encoded
-    beside it.
-
-    The outputs are the same bits as the encoder's on the calling thread (test): which thread encoded
-    a window never changes a transcript."""
-
-    def __init__(self, encoder: HostEncoder, mels: dict):
-        self._encoder = encoder
-        self._mels = dict(mels)  # window key -> (frames, n_mels) float32, read before the thread starts
-        self._waiting = list(mels)  # not started yet, in order
-        self._results = {key: Future() for key in mels}
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="whisper-mlx-encode-ahead", daemon=True)
-        self._thread.start()
-
-    def _next(self) -> tuple[Future, np.ndarray] | None:
-        """The next window's future and mel, taken under the lock (the caller may withdraw the rest)."""
-        with self._lock:
-            if not self._waiting:
-                return None
-            key = self._waiting.pop(0)
-            return self._results[key], self._mels.pop(key)
-
-    def _run(self) -> None:
-        try:
-            host_blas.use_one_thread_here()
-            with cpu_kernels.blocks_on_this_thread():
-                while (work := self._next()) is not None:
-                    future, mel = work
-                    future.set_result(self._encoder(mel[None])[0])
-        except BaseException as error:  # handed to whoever waits in result(): nothing waits forever
-            with self._lock:
-                self._waiting.clear()
-                for future in self._results.values():
-                    if not future.done():
-                        future.set_exception(error)
-
-    def withdraw(self, keys: list) -> list:
-        """The keys among `keys` that this encoder has not started (or never had): the caller encodes
-        them; the others come from result()."""
-        with self._lock:
-            taken = [key for key in keys if key in self._waiting or key not in self._results]
-            self._waiting = [key for key in self._waiting if key not in taken]
-            for key in taken:
-                self._results.pop(key, None)
-                self._mels.pop(key, None)
-        return taken
-
-    def result(self, key) -> np.ndarray:
-        """The (n_audio_ctx, n_state) encoder output of a window it started, once it is done."""
-        with self._lock:
-            future = self._results[key]
-        return future.result()
-
-    def close(self) -> None:
-        """Start nothing more (what was not started is cancelled) and wait for the window in progress."""
-        with self._lock:
-            for key in self._waiting:
-                self._results[key].cancel()
-            self._waiting.clear()
-        self._thread.join()
-
-
-PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see host_blas.PackedOperand)
+PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see blas.PackedOperand)
 
 
 class HostDecoder:
@@ -314,14 +239,14 @@ class HostDecoder:
         self.layers = [HostLayer.of(block) for block in decoder.blocks]
         self.ln = HostNorm.of(decoder.ln)
         # (n_state, n_vocab), contiguous: the layout the BLAS streams fastest for a few rows
-        self.embedding_t = _np(decoder.transposed_embedding())
-        self._packed_embedding: host_blas.PackedOperand | None = None
+        self.embedding_t = np.ascontiguousarray(self.token_embedding.T)
+        self._packed_embedding: blas.PackedOperand | None = None
 
-    def new_state(self, audio_features: mx.array, pad: np.ndarray, max_len: int) -> "HostDecoderState":
-        audio = np.ascontiguousarray(np.asarray(audio_features), dtype=np.float32)
+    def new_state(self, audio_features: np.ndarray, pad: np.ndarray, max_len: int) -> "HostDecoderState":
+        audio = np.ascontiguousarray(audio_features, dtype=np.float32)
         cross_kv = [layer.cross_cache(audio) for layer in self.layers]
         head = self.layers[0]
-        return HostDecoderState(cross_kv, np.asarray(pad, np.int64), head.n_head,
+        return HostDecoderState(self, cross_kv, np.asarray(pad, np.int64), head.n_head,
                                 head.attn_out.weight.shape[0] // head.n_head, max_len)
 
     def hidden(self, tokens: np.ndarray, state: "HostDecoderState", keep: list[int] | None = None) -> np.ndarray:
@@ -340,22 +265,24 @@ class HostDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
-        80 MB). One row: host_blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy
+        80 MB). One row: blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy
         of the embedding, made on first use (greedy sequential decoding never needs it)."""
         hidden = np.ascontiguousarray(hidden)
-        if hidden.shape[0] >= PACKED_MIN_ROWS and host_blas.PackedOperand.available():
+        if hidden.shape[0] >= PACKED_MIN_ROWS and blas.PackedOperand.available():
             if self._packed_embedding is None:
-                self._packed_embedding = host_blas.PackedOperand(self.embedding_t)
+                self._packed_embedding = blas.PackedOperand(self.embedding_t)
             return self._packed_embedding.matmul(hidden)
-        return host_blas.matmul(hidden, self.embedding_t)
+        return blas.matmul(hidden, self.embedding_t)
 
 
 class HostDecoderState:
     """Per batch of windows: self-attention caches (preallocated, written in place), cross-attention
     keys/values, and the left padding of each row's prompt."""
 
-    def __init__(self, cross_kv: list, pad: np.ndarray, n_head: int, head_dim: int, max_len: int):
+    def __init__(self, decoder: HostDecoder, cross_kv: list, pad: np.ndarray, n_head: int, head_dim: int,
+                 max_len: int):
         batch = pad.shape[0]
+        self.decoder = decoder  # the weights this state's caches were made with
         self.keys = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
         self.values = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
         self.cross_kv = cross_kv
@@ -404,37 +331,3 @@ class HostDecoderState:
         self.values = [v[kept] for v in self.values]
         self.cross_kv = [(keys_t[kept], values[kept]) for keys_t, values in self.cross_kv]
         self.pad = self.pad[rows]
-
-
-def _plain_float32(module) -> bool:
-    """Only float32 nn.Linear, nn.Conv1d and nn.Embedding layers (nothing quantized)."""
-    plain = (nn.Linear, nn.Conv1d, nn.Embedding)
-    layers = [m for _, m in module.named_modules() if isinstance(m, plain) or "Quantized" in type(m).__name__]
-    return all(type(m) in plain and m.weight.dtype == mx.float32 for m in layers)
-
-
-def _cached(module, attribute: str, build):
-    """module's numpy twin, built once (views, not copies) and rebuilt if its parameters are replaced."""
-    cached = getattr(module, attribute, None)
-    if cached is not None:
-        current = parameter_arrays(module)
-        if len(current) == len(cached.sources) and all(a is b for a, b in zip(current, cached.sources)):
-            return cached
-    cached = build(module)
-    setattr(module, attribute, cached)  # a plain attribute (not an array): never a parameter
-    return cached
-
-
-def host_encoder_for(model) -> HostEncoder | None:
-    """The model's numpy encoder when MLX computes on the CPU in float32 with plain layers, else None."""
-    if not on_cpu() or not _plain_float32(model.encoder):
-        return None
-    return _cached(model.encoder, "_host_encoder", HostEncoder)
-
-
-def host_decoder_for(model) -> HostDecoder | None:
-    """The model's numpy decoder when MLX computes on the CPU in float32 with plain layers, else None."""
-    decoder = model.decoder
-    if not on_cpu() or not _plain_float32(decoder):
-        return None
-    return _cached(decoder, "_host_decoder", HostDecoder)

@@ -10,10 +10,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from whisper_mlx import cpu_kernels, host_blas, whisper
+from whisper_mlx import whisper
+from whisper_mlx.backends.mlx_backend import MLXBackend
+from whisper_mlx.backends.numpy_backend import NumpyBackend, schedule
+from whisper_mlx.backends.numpy_backend import blas as host_blas
+from whisper_mlx.backends.numpy_backend import kernels as cpu_kernels
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 
-needs_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy kernels serve MLX's CPU backend only")
+needs_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy backend runs where MLX computes on the CPU")
 
 
 def reference_attention(q, k, v, n_head):
@@ -28,10 +32,12 @@ def reference_attention(q, k, v, n_head):
 
 
 @pytest.fixture(params=[True, False], ids=["threads", "serial"])
-def threads(request, monkeypatch):
-    if not request.param:  # no threadpoolctl: the blocks run in the calling thread
-        monkeypatch.setattr(cpu_kernels, "_limiter", False)
-    return request.param
+def threads(request):
+    if request.param:
+        yield True
+        return
+    with schedule.blocks_on_this_thread():  # the blocks run in the calling thread
+        yield False
 
 
 @pytest.mark.parametrize("length", [1, 257, 600])  # one row, and lengths that split into ragged blocks
@@ -126,58 +132,45 @@ def test_mlp_equals_reference(threads):
 
 @needs_cpu
 @pytest.mark.parametrize("model_name", ["tiny_en", "base_model"])  # 6 heads x 64, 8 heads x 64
-def test_cpu_encoders_equal_mlx_ops(model_name, data_dir, monkeypatch, request):
-    """The numpy encoder (what embed_audio runs on the CPU) and MLX's modules with the numpy kernels (the
-    CPU path of quantized models) against MLX's own ops."""
-    from whisper_mlx.host_model import host_encoder_for
-
+def test_numpy_encoder_equals_mlx_encoder(model_name, data_dir, request):
     model = request.getfixturevalue(model_name)
-    mel = mx.array(pad_or_trim(np.array(log_mel_spectrogram(load_audio(str(data_dir / "jfk.flac")))), 3000, axis=0))
-    assert host_encoder_for(model) is not None
-    host = np.array(model.embed_audio(mel[None]))
-    with_kernels = np.array(model.encoder(mel[None]))
-    monkeypatch.setattr(whisper, "CPU_KERNEL_MIN_ELEMENTS", 1 << 62)  # every op back on MLX
-    plain = np.array(model.encoder(mel[None]))
-    for fast in (host, with_kernels):
-        np.testing.assert_allclose(fast, plain, rtol=1e-3, atol=2e-3)  # float32 sums in another order
-        assert np.abs(fast - plain).mean() < 1e-5
+    mel = pad_or_trim(np.array(log_mel_spectrogram(load_audio(str(data_dir / "jfk.flac")))), 3000, axis=0)[None]
+    fast = NumpyBackend(model).encode(mel)
+    plain = np.array(MLXBackend(model).encode(mel))
+    np.testing.assert_allclose(fast, plain, rtol=1e-3, atol=2e-3)  # float32 sums in another order
+    assert np.abs(fast - plain).mean() < 1e-5
 
 
 @needs_cpu
-def test_cpu_logits_equal_embedding_and_follow_new_weights(tiny_en):
+def test_numpy_logits_equal_embedding_and_follow_new_weights(tiny_en):
     decoder = tiny_en.decoder
     original = decoder.token_embedding.weight
-    for shape in [(1, 1, 384), (2, 1, 384), (3, 1, 384), (2, 5, 384)]:  # every layout of the CPU paths
-        hidden = mx.array(np.random.default_rng(1).normal(size=shape).astype(np.float32))
-        want = np.array(decoder.token_embedding.as_linear(hidden))
-        np.testing.assert_allclose(np.array(decoder.logits(hidden)), want, rtol=1e-5, atol=1e-4)
-        rows = hidden.reshape(-1, 384)
-        np.testing.assert_allclose(decoder.host_logits(rows), want.reshape(rows.shape[0], -1), rtol=1e-5, atol=1e-4)
+    backend = NumpyBackend(tiny_en)
+    for rows in (1, 2, 3, 10):  # one row (gemv), and the packed embedding's row counts
+        hidden = np.random.default_rng(rows).normal(size=(rows, 384)).astype(np.float32)
+        want = np.array(decoder.logits(mx.array(hidden)))
+        np.testing.assert_allclose(backend.decoder.logits(hidden), want, rtol=1e-5, atol=1e-4)
         try:
             decoder.token_embedding.weight = original * 2  # e.g. load_weights after a first decode
-            np.testing.assert_allclose(np.array(decoder.logits(hidden)), want * 2, rtol=1e-5, atol=2e-4)
+            np.testing.assert_allclose(backend.decoder.logits(hidden), want * 2, rtol=1e-5, atol=2e-4)
         finally:
             decoder.token_embedding.weight = original
 
 
 @needs_cpu
 @pytest.mark.parametrize("batch, length", [(3, 1), (4, 7)])  # greedy steps, and a prompt's first step
-def test_cross_attention_with_cpu_kernels_equals_mlx_ops(tiny_en, batch, length):
+def test_numpy_cross_attention_equals_mlx_sdpa(tiny_en, batch, length):
     attention = tiny_en.decoder.blocks[0].cross_attn
+    layer = NumpyBackend(tiny_en).decoder.layers[0]
     rng = np.random.default_rng(batch)
-    audio = mx.array(rng.normal(size=(batch, 1500, 384)).astype(np.float32))
-    x = mx.array(rng.normal(size=(batch, length, 384)).astype(np.float32))
-    kv = attention.cross_kv(audio)
-    assert kv.host is not None  # the cache was made by the numpy kernel
-    mlx_kv = whisper.CrossKV(whisper.split_heads(attention.key(audio), 6), whisper.split_heads(attention.value(audio), 6))
-    assert mlx_kv.host is None  # MLX ops read this one
-    fast, fast_taken = np.array(attention.cross(x, kv)), np.array(attention.cross(x[2:0:-1], kv.take(mx.array([2, 1]))))
-    plain = np.array(attention.cross(x, mlx_kv))
+    audio = rng.normal(size=(batch, 1500, 384)).astype(np.float32)
+    x = rng.normal(size=(batch, length, 384)).astype(np.float32)
+    query = whisper.split_heads(layer.cross_query(x), 6)
+    fast = layer.cross_out(whisper.merge_heads(cpu_kernels.cross_attention(query, *layer.cross_cache(audio))))
+    plain = np.array(attention.cross(mx.array(x), attention.cross_kv(mx.array(audio))))
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fast_taken, plain[2:0:-1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.array(attention.cross(x[:1], kv.take(mx.array([0])))), plain[:1], rtol=1e-4, atol=1e-5)
     # and against float64 softmax(q kᵀ / √d) v on the projections
-    q, k, v = (np.array(p(t)) for p, t in ((attention.query, x), (attention.key, audio), (attention.value, audio)))
+    q, k, v = (np.array(p(mx.array(t))) for p, t in ((attention.query, x), (attention.key, audio), (attention.value, audio)))
     want = np.array(attention.out(mx.array(reference_attention(q, k, v, 6).astype(np.float32))))
     np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-4)
 
@@ -195,14 +188,14 @@ def test_step_attention_splits_rows_over_a_worker_exactly(batch, mask_rows, monk
         mask = np.zeros((batch if mask_rows == "all" else 1, 1, 1, 300), np.float32)
         for b in range(mask.shape[0]):
             mask[b, ..., : 7 * b + 3] = -np.inf  # e.g. a row's left padding
-    pool, submitted = cpu_kernels._workers(), []
+    pool, submitted = schedule.workers(), []
 
     class Spy:
         def submit(self, task, *args):
             submitted.append(args)
             return pool.submit(task, *args)
 
-    monkeypatch.setattr(cpu_kernels, "_workers", Spy)
+    monkeypatch.setattr(cpu_kernels, "workers", Spy)
     monkeypatch.setattr(cpu_kernels, "worker_count", lambda: 2)
     got = cpu_kernels.attend(q, keys_t, values, mask)
     np.testing.assert_array_equal(got, cpu_kernels.cross_attention(q, keys_t, values) if mask is None else got)
@@ -243,12 +236,15 @@ def test_masked_attention_equals_reference(threads, pad):
                                rtol=1e-5, atol=1e-5)
 
 
-@needs_cpu
-def test_prompt_self_attention_with_cpu_kernel_equals_mlx_ops(monkeypatch):
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_sdpa_equals_explicit_attention_with_padding_masks(dtype):
+    """The MLX model's one attention dispatch (mx.fast SDPA) and the numpy backend's kernel against
+    softmax(q kᵀ / √d + mask) v in float64, with causal and left-padding masks per row."""
     rng = np.random.default_rng(0)
-    q, k, v = (mx.array(rng.normal(size=(3, 6, 228, 64)).astype(np.float32)) for _ in range(3))
-    mask = mx.array(causal_and_padding_mask([0, 23, 73], 228))
-    assert 3 * 6 * 228 * 228 >= whisper.CPU_KERNEL_MIN_ELEMENTS  # the numpy path runs
-    fast = np.array(whisper.attend(q, k, v, mask))
-    monkeypatch.setattr(whisper, "CPU_KERNEL_MIN_ELEMENTS", 1 << 62)
-    np.testing.assert_allclose(fast, np.array(whisper.attend(q, k, v, mask)), rtol=1e-4, atol=1e-5)
+    q, k, v = (rng.normal(size=(3, 6, 228, 64)).astype(np.float32) for _ in range(3))
+    mask = causal_and_padding_mask([0, 23, 73], 228)
+    want = reference_masked_attention(q, k, v, mask)
+    sdpa = whisper.attend(*(mx.array(a).astype(dtype) for a in (q, k, v)), mx.array(mask).astype(dtype))
+    tolerance = 1e-4 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(np.array(sdpa.astype(mx.float32)), want, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(cpu_kernels.masked_attention(q, k, v, mask), want, rtol=1e-5, atol=1e-5)

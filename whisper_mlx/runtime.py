@@ -1,8 +1,9 @@
-"""Backend set-up: an optimized BLAS for MLX's Linux CPU backend, and the default compute dtype.
+"""The MLX runtime: an optimized BLAS for MLX's Linux CPU device, the device MLX computes on, and the
+default compute dtype.
 
-The mlx[cpu] wheel links netlib's reference BLAS (a 1024³ float32 matmul takes ~370 ms). Loading MKL or
-OpenBLAS with RTLD_GLOBAL *before* mlx.core is first imported makes MLX resolve cblas_* to it (~6 ms).
-This module must therefore not import mlx at import time.
+The mlx[cpu] wheel links netlib's reference BLAS, tens of times slower than MKL or OpenBLAS. Loading one
+of those with RTLD_GLOBAL *before* mlx.core is first imported makes MLX resolve cblas_* to it, so this
+module must not import mlx at import time.
 """
 
 from __future__ import annotations
@@ -72,8 +73,7 @@ def preload_blas() -> None:
         return
     kind, path = choice
     if kind == "mkl":
-        # after each parallel matmul, MKL's OpenMP threads spin 200 ms by default on the cores the
-        # numpy kernels' threads need (alice_ch1 batched: system time 26 -> 2 s, wall 47-52 -> 42-44 s)
+        # MKL's OpenMP threads otherwise spin after each parallel matmul on the cores the numpy kernels need
         os.environ.setdefault("KMP_BLOCKTIME", "0")
     try:
         ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
@@ -85,12 +85,12 @@ def preload_blas() -> None:
 
 
 def preloaded_blas_path() -> str | None:
-    """The optimized BLAS loaded for MLX (also served to numpy arrays by host_blas), or None."""
+    """The optimized BLAS loaded for MLX (the numpy backend calls it directly too), or None."""
     return _state["blas_path"]
 
 
 def on_cpu() -> bool:
-    """Whether MLX computes on its CPU backend (the numpy kernels and host paths serve it)."""
+    """Whether MLX computes on its CPU device (where the numpy backend can serve plain float32 models)."""
     import mlx.core as mx
 
     return mx.default_device() == mx.cpu
@@ -103,20 +103,16 @@ def default_dtype():
     return mx.float32 if on_cpu() else mx.float16
 
 
-def backend_info() -> dict:
-    """The device MLX computes on, the default dtype, and which BLAS serves CPU matmuls."""
+def device_name() -> str:
+    """The device MLX computes on: metal, cuda or cpu."""
     import mlx.core as mx
 
-    device = mx.default_device()
-    if device == mx.gpu:
-        kind = "metal" if mx.metal.is_available() else "cuda"
-    else:
-        kind = "cpu"
-    return {
-        "device": kind,
-        "default_dtype": str(default_dtype()).replace("mlx.core.", ""),
-        "blas": _state["blas"] or "reference (bundled)",
-        "blas_path": _state["blas_path"],
-        "blas_status": _state["status"],
-        "mlx_version": getattr(mx, "__version__", "unknown"),
-    }
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def blas_info() -> dict:
+    """Which BLAS serves MLX's CPU matmuls, and how it was found."""
+    return {"blas": _state["blas"] or "reference (bundled)", "blas_path": _state["blas_path"],
+            "blas_status": _state["status"]}

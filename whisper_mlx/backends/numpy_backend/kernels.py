@@ -1,116 +1,23 @@
-"""numpy kernels for MLX's CPU backend: the encoder, and the decoder's attention (prompts, cross-attention).
+"""numpy kernels of the numpy backend: the encoder's attention, GELU and MLP, and the decoder's attention
+(prompts, steps, cross-attention).
 
-MLX's CPU elementwise kernels are scalar and single-threaded: `exp` costs ~17 ns per element, so the
-softmax of one tiny encoder layer (6 x 1500 x 1500 scores) takes ~230 ms and its exact GELU ~65 ms.
-numpy's ufuncs are SIMD-vectorised (~1.7 ns per `exp`). Here the work is cut into blocks small enough to
-stay in the L2 cache and spread over a pool of threads (numpy releases the GIL), each block calling a
-single-threaded BLAS so the threads do not oversubscribe the cores. Only numpy arrays cross the threads:
-MLX itself is only used from the caller's thread.
+numpy's ufuncs are SIMD-vectorised where MLX's CPU elementwise kernels are scalar. The work is cut into
+blocks small enough to stay in the L2 cache and spread over the worker threads (schedule.py), each block
+calling a single-threaded BLAS (docs/performance.md has the measurements).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
 
-from . import host_blas
+from . import blas
+from .schedule import run_blocks, worker_count, workers
 
 ATTENTION_BLOCK_ROWS = 256  # query rows per block: 256 x 1500 float32 scores = 1.5 MB
 GELU_BLOCK_ELEMENTS = 1 << 16  # 256 KB of float32 per block
-
-_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
-_limiter = None
-
-
-def worker_count() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def _workers() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    with _lock:
-        if _pool is None or _pool_pid != os.getpid():  # a forked child has none of the parent's threads
-            _pool = ThreadPoolExecutor(worker_count(), thread_name_prefix="whisper-mlx-cpu",
-                                       initializer=host_blas.use_one_thread_here)
-            _pool_pid = os.getpid()
-        return _pool
-
-
-def _blas_limiter():
-    """threadpoolctl's handle on the loaded BLAS libraries, or None without threadpoolctl."""
-    global _limiter
-    with _lock:
-        if _limiter is None:
-            try:
-                from threadpoolctl import ThreadpoolController
-            except ImportError:
-                _limiter = False
-            else:
-                _limiter = ThreadpoolController().select(user_api="blas") or False
-        return _limiter or None
-
-
-def one_blas_thread():
-    """A context in which the loaded BLAS libraries (numpy's, the preloaded one) use one thread."""
-    limiter = _blas_limiter()
-    return contextlib.nullcontext() if limiter is None else limiter.limit(limits=1)
-
-
-_this_thread = threading.local()
-
-
-@contextlib.contextmanager
-def blocks_on_this_thread():
-    """Within it, this thread's run_blocks runs its blocks itself (a background encoder on one core,
-    beside the thread that decodes)."""
-    _this_thread.inline = True
-    try:
-        yield
-    finally:
-        _this_thread.inline = False
-
-
-def _in_caller(tasks: list) -> bool:
-    """Whether tasks run in the calling thread: threads cannot help, or this thread runs its own."""
-    return len(tasks) < 2 or worker_count() < 2 or getattr(_this_thread, "inline", False) or _blas_limiter() is None
-
-
-def run_blocks(tasks: list) -> None:
-    """Run callables on the worker threads (in the calling thread when threads cannot help)."""
-    if _in_caller(tasks):
-        for task in tasks:
-            task()
-        return
-    # each block is small: one BLAS thread per worker (MLX is idle meanwhile: its inputs were evaluated)
-    with one_blas_thread():
-        for future in [_workers().submit(task) for task in tasks]:
-            future.result()
-
-
-def run_whole(tasks: list) -> list:
-    """The results of independent tasks, each run whole on one worker thread (its own blocks run
-    inline there, on one BLAS thread): for work, such as an encoder window, whose blocks share two
-    cores less well than whole tasks do. Each block is computed as run_blocks would compute it, so
-    the results are the same bits."""
-    if _in_caller(tasks):
-        return [task() for task in tasks]
-
-    def whole(task):
-        with blocks_on_this_thread():
-            return task()
-
-    with one_blas_thread():
-        futures = [_workers().submit(whole, task) for task in tasks]
-        return [future.result() for future in futures]
-
 
 def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, length, size)]
@@ -147,18 +54,18 @@ def _attend_block(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndar
     each row's sum too, no summing pass (~0.15 ms of ~1.1 per 256-row block). A block's products and
     exp go to MKL when it is preloaded (host_blas; one 256-row encoder block, one thread: 1.63 -> 1.42
     ms)."""
-    scores = host_blas.matmul(q, keys_t)
+    scores = blas.matmul(q, keys_t)
     if mask is not None:
         scores += mask
     _shift_rows(scores, q, None if mask is not None else key_norm)
-    host_blas.exp_into(scores, scores)
+    blas.exp_into(scores, scores)
     width = out.shape[-1]
     if v.shape[-1] > width:  # column `width` of v is ones (further columns: zeros, see `attention`)
-        weighted = host_blas.matmul(scores, v)
+        weighted = blas.matmul(scores, v)
         np.divide(weighted[..., :width], weighted[..., width : width + 1], out=out)
         return
     total = scores.sum(axis=-1, keepdims=True)
-    host_blas.matmul(scores, v, out=out)
+    blas.matmul(scores, v, out=out)
     out /= total
 
 
@@ -264,7 +171,7 @@ def attend(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarr
         _attend_block(q, keys_t, values, out, mask)
         return out
     half = q.shape[0] // 2
-    other = _workers().submit(rows, slice(half, None))
+    other = workers().submit(rows, slice(half, None))
     rows(slice(0, half))
     other.result()
     return out
@@ -315,9 +222,9 @@ def _gelu_block(x: np.ndarray, out: np.ndarray) -> None:
     """out = x Φ(x) = 0.5 x (1 + erf(x / √2)); out must not alias x. With MKL, its vector Φ; else
     with tail = t·poly·exp(-z²), 1 + erf is 2 - tail for x >= 0 and tail for x < 0 (no 1 - erf
     cancellation near zero output)."""
-    if x.flags.c_contiguous and out.flags.c_contiguous and host_blas.has_normal_cdf():
+    if x.flags.c_contiguous and out.flags.c_contiguous and blas.has_normal_cdf():
         np.maximum(x, -GELU_CLAMP, out=out)
-        host_blas.normal_cdf_into(out, out)
+        blas.normal_cdf_into(out, out)
         out *= x
         return
     z = np.abs(x)
@@ -353,11 +260,11 @@ MLP_BLOCK_ROWS = 256  # 256 x 1536 float32 hidden activations = 1.5 MB (twice: b
 
 
 def _mlp_block(x, w1, b1, w2, b2, out) -> None:
-    hidden = host_blas.matmul(x, w1.T)
+    hidden = blas.matmul(x, w1.T)
     hidden += b1
     activated = np.empty_like(hidden)  # _gelu_block reads its input after writing its output
     _gelu_block(hidden, activated)
-    host_blas.matmul(activated, w2.T, out=out)
+    blas.matmul(activated, w2.T, out=out)
     out += b2
 
 
