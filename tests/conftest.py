@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,23 @@ import pytest
 import whisper_mlx  # noqa: F401  (preloads the fast BLAS before mlx.core)
 
 DATA = Path(__file__).parent / "data"
+
+
+def path_without_ffmpeg() -> str:
+    """PATH less every directory holding an `ffmpeg` command (audio.py finds it with shutil.which)."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(d for d in dirs if d and shutil.which("ffmpeg", path=d) is None)
+
+
+@pytest.fixture(params=["pyav_only", "ffmpeg_cli"])
+def ffmpeg_command(request, monkeypatch) -> str:
+    """Run the test with the ffmpeg command hidden (PyAV alone decodes) or present (its CLI is the
+    fallback); PATH is set in os.environ, so CLI subprocesses see the same."""
+    if request.param == "pyav_only":
+        monkeypatch.setenv("PATH", path_without_ffmpeg())
+    elif shutil.which("ffmpeg") is None:
+        pytest.skip("needs the ffmpeg command")
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Audio decoding and the streamed log-mel: identical to the whole-waveform computation, bounded memory."""
 
+import shutil
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -155,6 +156,74 @@ def test_truncated_mp3_with_a_duration_header_warns(tmp_path, waveforms):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_audio(mp3).size >= 11 * SAMPLE_RATE  # the whole file: no warning
+
+
+# ---- undecodable files: one clear line, whether or not the ffmpeg command is installed ----
+
+FFMPEG_5_STDERR = b"""ffmpeg version 5.1.9-0+deb12u1 Copyright (c) 2000-2026 the FFmpeg developers
+  built with gcc 12 (Debian 12.2.0-14+deb12u1)
+  configuration: --prefix=/usr --extra-version=0+deb12u1 --toolchain=hardened
+  libavutil      57. 28.100 / 57. 28.100
+  libavdevice    59.  7.100 / 59.  7.100
+[mp3 @ 0x555ee426a940] Format mp3 detected only with low score of 1, misdetection possible!
+[mp3 @ 0x555ee426a940] Failed to read frame size: Could not seek to 1138.
+/tmp/x/header_only.mp3: Invalid argument
+"""
+FFMPEG_7_STDERR = b"""[in#0 @ 0x600001b2c000] Error opening input: Invalid data found when processing input
+Error opening input file /tmp/x/notes.wav.
+Error opening input files: Invalid data found when processing input
+"""
+
+
+@pytest.mark.parametrize(("stderr", "path", "reason"), [
+    (FFMPEG_5_STDERR, "/tmp/x/header_only.mp3", "Failed to read frame size: Could not seek to 1138; Invalid argument"),
+    (FFMPEG_7_STDERR, "/tmp/x/notes.wav", "Error opening input: Invalid data found when processing input"),
+    (b"  libavutil      57. 28.100 / 57. 28.100\n", "/tmp/x/a.wav", "ffmpeg cannot decode it"),
+    (b"x" * 1000, "/tmp/x/a.wav", "x" * 197 + "..."),
+], ids=["ffmpeg5-banner", "ffmpeg7-repeated-cause", "banner-only", "long-line"])
+def test_ffmpeg_cli_reason_is_its_last_errors_on_one_line(stderr, path, reason):
+    assert audio_module._ffmpeg_cli_reason(stderr, path) == reason
+
+
+def write_notes(path: Path) -> Path:
+    path.write_text("these are meeting notes, not audio\n" * 20)
+    return path
+
+
+def assert_one_line_unreadable(message: str, path: Path) -> None:
+    assert message.startswith(f"{path}: not a readable audio file (") and message.endswith(")"), message
+    assert "\n" not in message and "libav" not in message and "ffmpeg version" not in message, message
+
+
+def test_an_undecodable_file_is_one_line_with_or_without_the_ffmpeg_command(tmp_path, ffmpeg_command):
+    notes = write_notes(tmp_path / "notes.wav")
+    assert (shutil.which("ffmpeg") is not None) == (ffmpeg_command == "ffmpeg_cli")
+    with pytest.raises(AudioError) as caught:
+        load_audio(notes)
+    assert_one_line_unreadable(str(caught.value), notes)
+    assert "Invalid data found when processing input" in str(caught.value)
+
+
+def test_the_ffmpeg_cli_reports_one_line_without_its_banner(tmp_path):
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs the ffmpeg command")
+    notes = write_notes(tmp_path / "notes.wav")
+    with pytest.raises(AudioError) as caught:
+        audio_module._decode_with_ffmpeg_cli(str(notes), SAMPLE_RATE)
+    assert_one_line_unreadable(str(caught.value), notes)
+
+
+def test_the_ffmpeg_cli_decodes_what_pyav_cannot_open(monkeypatch, waveforms):
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs the ffmpeg command")
+
+    def pyav_cannot_open(path, sr, chunk_samples):
+        raise audio_module._PyAVCannotOpen("simulated")
+        yield  # a generator, as the real decoder is
+
+    monkeypatch.setattr(audio_module, "_decode_with_pyav", pyav_cannot_open)
+    # ls_test is 16 kHz mono s16: neither resampling nor downmixing, so both decoders agree exactly
+    np.testing.assert_array_equal(load_audio(DATA / "ls_test.flac"), waveforms["ls_test"])
 
 
 def write_mp3(waveform: np.ndarray, path: Path) -> None:

@@ -3,7 +3,9 @@
 Behaviour, case by case:
 
 * missing file, directory, empty file, WAV header with 0 samples, text file named .wav, MP3 cut to
-  its header: AudioError naming the file and the problem; CLI exit 1, no traceback.
+  its header: AudioError naming the file and the problem; CLI exit 1, no traceback. The last two
+  read the same, one line without ffmpeg's banner, whether PyAV alone decodes or the ffmpeg
+  command is installed (then it is the fallback).
 * MP3 cut in half: the decodable half is transcribed, with an AudioTruncatedWarning (the MP3's
   Xing/Info header declares 11 s) that the CLI prints as a warning line; exit 0.
 * 20 s of digital silence (file or array): no text, or only segments with no_speech_prob > 0.6.
@@ -101,6 +103,31 @@ def test_bad_file_cli(name, problem, bad_files, tiny_en_dir, tmp_path):
     assert f"whisper_mlx: error: {bad_files[name]}: " in done.stderr
     assert problem in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+UNDECODABLE = ["notes.wav", "header_only.mp3"]
+
+
+def assert_one_line_unreadable(message: str, path: Path) -> None:
+    assert message.startswith(f"{path}: not a readable audio file (") and message.endswith(")"), message
+    assert "\n" not in message and "libav" not in message and "ffmpeg version" not in message, message
+
+
+@pytest.mark.parametrize("name", UNDECODABLE)
+def test_undecodable_file_python_api_is_one_line(name, bad_files, model, ffmpeg_command):
+    with pytest.raises(AudioError) as caught:
+        whisper_mlx.transcribe(str(bad_files[name]), model=model)
+    assert_one_line_unreadable(str(caught.value), bad_files[name])
+
+
+@pytest.mark.parametrize("name", UNDECODABLE)
+def test_undecodable_file_cli_is_one_line(name, bad_files, tiny_en_dir, tmp_path, ffmpeg_command):
+    done = run_cli(str(bad_files[name]), "--model", str(tiny_en_dir), "-o", str(tmp_path / "out"))
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    prefix = "whisper_mlx: error: "
+    assert line.startswith(prefix), line
+    assert_one_line_unreadable(line[len(prefix):], bad_files[name])
 
 
 def test_half_mp3_transcribes_the_decodable_part_with_a_warning(bad_files, model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -96,14 +97,43 @@ class _PyAVCannotOpen(Exception):
 
 
 def _decode_with_ffmpeg_cli(path: str, sr: int) -> np.ndarray:
-    if shutil.which("ffmpeg") is None:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
         raise FileNotFoundError("ffmpeg")
-    cmd = ["ffmpeg", "-nostdin", "-threads", "0", "-i", path, "-f", "s16le", "-ac", "1",
-           "-acodec", "pcm_s16le", "-ar", str(sr), "-"]
+    # -hide_banner -loglevel error: stderr holds only the errors, not the version and library lines
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", path,
+           "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(sr), "-"]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
-        raise AudioError(f"{path}: ffmpeg cannot decode it: {proc.stderr.decode(errors='replace')[-300:]}")
+        raise AudioError(f"{path}: not a readable audio file ({_ffmpeg_cli_reason(proc.stderr, path)})")
     return np.frombuffer(proc.stdout, np.int16).astype(np.float32) / 32768.0
+
+
+_FFMPEG_BANNER_LINE = re.compile(r"^(ffmpeg version |\s)")  # the version line and its indented library lines
+_FFMPEG_COMPONENT_TAG = re.compile(r"^\[[^\]]* @ (0x)?[0-9a-fA-F]+\]\s*")  # "[mp3 @ 0x55d0...] "
+_FFMPEG_REASON_LINES = 2
+_FFMPEG_REASON_CHARS = 200
+
+
+def _ffmpeg_cli_reason(stderr: bytes, path: str) -> str:
+    """The last error lines of ffmpeg's stderr as one short line, without banner, tags or file name."""
+    by_cause: dict[str, str] = {}  # keyed by the final clause: ffmpeg 6.1+ states the same cause twice
+    for line in stderr.decode(errors="replace").splitlines():
+        message = _ffmpeg_error_line(line, path)
+        if message:
+            by_cause.setdefault(message.rsplit(": ", 1)[-1], message)
+    reason = "; ".join(list(by_cause.values())[-_FFMPEG_REASON_LINES:]) or "ffmpeg cannot decode it"
+    return reason if len(reason) <= _FFMPEG_REASON_CHARS else reason[: _FFMPEG_REASON_CHARS - 3] + "..."
+
+
+def _ffmpeg_error_line(line: str, path: str) -> str:
+    """One stderr line reduced to its message; empty for banner lines and lines that only repeat the path."""
+    if not line.strip() or _FFMPEG_BANNER_LINE.match(line):
+        return ""
+    line = _FFMPEG_COMPONENT_TAG.sub("", line).strip().rstrip(".")
+    if line.startswith(f"{path}: "):
+        return line[len(path) + 2 :]
+    return "" if path in line else line  # e.g. "Error opening input file PATH" adds nothing to the message
 
 
 def _check_audio_path(file: str | os.PathLike) -> str:

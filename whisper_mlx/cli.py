@@ -274,7 +274,12 @@ def read_stdin_to_file(stdin_bytes: bytes) -> str:
 
 
 def report_error(label: str, message: str) -> None:
-    print(f"{PROG}: error: {label}: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {label}: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: a multi-line exception text must not break the one-error-per-line output."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def report_warning(message: str) -> None:
