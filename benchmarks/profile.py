@@ -21,91 +21,84 @@ import numpy as np
 
 from benchmarks.normalize import word_error_rate
 from whisper_mlx import decoding
-from whisper_mlx.host_model import HostDecoder, host_decoder_for
+from whisper_mlx.backends import backend_for
 from whisper_mlx.load_models import get_cached_model, packaged_model_path
 
 DATA = Path(__file__).parent / "data"
 
 
-class StageClock:
-    """Wraps functions to sum their wall time and count calls, and counts decoder steps by batch size."""
+class TimedBackend:
+    """Forwards to a backend, summing the wall time of its encoder calls and counting decoding steps by
+    row count (the backend interface is the only thing wrapped: no behaviour change)."""
 
-    def __init__(self):
+    def __init__(self, inner):
+        self.inner, self.name, self.xp = inner, inner.name, inner.xp
         self.seconds = collections.Counter()
         self.calls = collections.Counter()
         self.steps = collections.Counter()
-        self.items = collections.Counter()
+        self.windows = 0
 
-    def wrap(self, owner, name: str, stage: str, items=lambda *args: 1) -> None:
-        function = getattr(owner, name)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            result = function(*args, **kwargs)
-            self.seconds[stage] += time.perf_counter() - start
-            self.calls[stage] += 1
-            self.items[stage] += items(*args)
-            return result
+    def encode(self, mels):
+        start = time.perf_counter()
+        features = self.inner.encode(mels)
+        self.seconds["encoder"] += time.perf_counter() - start
+        self.calls["encoder"] += 1
+        self.windows += len(mels)
+        return features
 
-        setattr(owner, name, timed)
-
-    def count_steps(self, model) -> None:
-        """Counts the decoder's forward calls by row count: MLX's and the numpy decoder's (CPU greedy)."""
-        step, host_hidden = model.step, HostDecoder.hidden
-
-        def counted(tokens, state, keep=1):
-            self.steps[tokens.shape[0]] += 1
-            return step(tokens, state, keep)
-
-        def counted_host(decoder, tokens, state, keep=None):
-            self.steps[tokens.shape[0]] += 1
-            return host_hidden(decoder, tokens, state, keep)
-
-        model.step = counted
-        HostDecoder.hidden = counted_host
+    def step(self, state, tokens):
+        self.steps[tokens.shape[0]] += 1
+        return self.inner.step(state, tokens)
 
 
 def profile_file(model, audio: Path, batch_size: int) -> dict:
     transcribe_module = sys.modules["whisper_mlx.transcribe"]
-    clock = StageClock()
-    clock.wrap(transcribe_module, "encode_windows", "encoder", items=lambda model, mels: mels.shape[0])
-    clock.wrap(decoding.DecodingTask, "_decode_rows", "decoder")
-    clock.count_steps(model)
+    backend = backend_for(model)
+    timed = model.backend = TimedBackend(backend)
+    decode_rows = decoding.DecodingTask._decode_rows
+
+    def timed_decode(task, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return decode_rows(task, *args, **kwargs)
+        finally:
+            timed.seconds["decoder"] += time.perf_counter() - start
+
+    decoding.DecodingTask._decode_rows = timed_decode
     start = time.perf_counter()
-    result = transcribe_module.transcribe(str(audio), model=model, batch_size=batch_size, language="en")
+    try:
+        result = transcribe_module.transcribe(str(audio), model=model, batch_size=batch_size, language="en")
+    finally:
+        decoding.DecodingTask._decode_rows = decode_rows
+        model.backend = backend
     total = time.perf_counter() - start
     reference = audio.with_suffix(".txt")
     wer = word_error_rate(reference.read_text(), result["text"])["wer"] if reference.exists() else None
-    return {"total": total, "clock": clock, "wer": wer}
+    return {"total": total, "clock": timed, "wer": wer}
 
 
 def time_step(model, batch: int, repeats: int = 30) -> dict:
-    """Milliseconds of one greedy decoding step at `batch` rows, 60 tokens into a window, on the path
-    transcribe takes: the numpy decoder on the CPU (float32), else MLX."""
+    """Milliseconds of one greedy decoding step at `batch` rows, 60 tokens into a window, on the model's
+    backend, and of the greedy filters on its arrays."""
+    backend = backend_for(model)
     task = decoding.DecodingTask(model, decoding.DecodingOptions(language="en"))
-    features = mx.random.normal((batch, model.dims.n_audio_ctx, model.dims.n_audio_state)).astype(model.dtype)
-    host = host_decoder_for(model)
-    hidden = mx.random.normal((batch, model.dims.n_text_state))
-    if host is not None:
-        state = host.new_state(features, np.zeros(batch, int), model.dims.n_text_ctx)
-        token, advance = np.array([[440]] * batch), lambda: host.hidden(token, state)
-        logits = host.logits(np.array(hidden))
-        parts = {"step": lambda: host.logits(advance()[:, -1]), "decoder blocks": advance,
-                 "logits": lambda: host.logits(np.array(hidden))}
-        prime = lambda tokens: host.hidden(np.array(tokens), state)  # noqa: E731
-    else:
-        state = model.new_state(features)
-        token = mx.array([[440]] * batch)
-        logits = model.decoder.host_logits(hidden)
-        parts = {"step": lambda: mx.eval(model.step(token, state)[0]),
-                 "decoder blocks": lambda: mx.eval(model.step(token, state)[1]),
-                 "logits": lambda: model.decoder.host_logits(hidden)}
-        prime = lambda tokens: mx.eval(model.step(mx.array(tokens), state)[1])  # noqa: E731
-    prime([task.sot_sequence("en")] * batch)
+    shape = (batch, model.dims.n_audio_ctx, model.dims.n_audio_state)
+    features = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if backend.xp is mx:
+        features = mx.array(features).astype(model.dtype)
+    state = backend.new_state(features, np.zeros(batch, int))
+    prompt = np.array([task.sot_sequence("en")] * batch)
+    logits, _ = backend.prefill(state, prompt, 0)
     for _ in range(60):
-        prime([[440]] * batch)
-    history = decoding.TimestampHistory.empty(batch, np)
-    parts["greedy filters (numpy)"] = lambda: task.timestamp_rules.greedy(task.suppressor.apply(logits, 5), history, 5)
+        logits = backend.step(state, backend.xp.full((batch,), 440, backend.xp.int32))
+    token = backend.xp.full((batch,), 440, backend.xp.int32)
+    history = decoding.TimestampHistory.empty(batch, backend.xp)
+    parts = {"step": lambda: backend.to_host(backend.step(state, token)),
+             "greedy filters": lambda: backend.to_host(
+                 task.timestamp_rules.greedy(task.suppressor.apply(logits, 5), history, 5)[0])}
     out = {}
     for name, run in parts.items():
         run()
@@ -122,10 +115,11 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--step-batches", type=int, nargs="*", default=[1, 3, 6])
+    parser.add_argument("--backend", default=None, choices=["auto", "mlx", "numpy"])
     args = parser.parse_args(argv)
     audio = DATA / f"{args.file}.flac" if (DATA / f"{args.file}.flac").exists() else Path(args.file)
-    model = get_cached_model(packaged_model_path(args.model))
-    print(f"backend: {whisper_mlx.backend_info()}")
+    model = get_cached_model(packaged_model_path(args.model), backend=args.backend)
+    print(f"backend: {whisper_mlx.backend_info(model)}")
     for batch in args.step_batches:
         parts = "  ".join(f"{name} {ms:.1f} ms" for name, ms in time_step(model, batch).items())
         print(f"one step at {batch} row(s): {parts}")
@@ -134,7 +128,7 @@ def main(argv=None) -> None:
     steps = sum(clock.steps.values())
     print(f"{audio.name}, batch_size {args.batch_size}: total {report['total']:.1f} s"
           + (f", WER {report['wer']:.2%}" if report["wer"] is not None else ""))
-    windows = clock.items["encoder"]
+    windows = clock.windows
     print(f"  encoder: {clock.seconds['encoder']:.1f} s for {windows} windows in {clock.calls['encoder']} batches "
           f"({clock.seconds['encoder'] / max(windows, 1):.2f} s/window)")
     print(f"  decoder: {clock.seconds['decoder']:.1f} s, {steps} steps "
