@@ -27,8 +27,9 @@ class FakeBackend:
         self.loaded, self.calls, self.stdin_bytes = [], [], None
         self.model = object()
 
-    def load_model(self, path_or_name, fp16=None):
+    def load_model(self, path_or_name, fp16=None, backend=None):
         self.loaded.append((path_or_name, fp16))
+        self.backend = backend
         return self.model
 
     def transcribe(self, audio, **options):
@@ -48,6 +49,7 @@ def backend(monkeypatch):
     monkeypatch.setattr(cli, "load_model", fake.load_model)
     monkeypatch.setattr(cli, "transcribe", fake.transcribe)
     monkeypatch.setattr(cli, "default_model_path", lambda: "/offline/tiny.en")
+    monkeypatch.setattr(cli, "backend_summary", lambda model: "backend fake")
     return fake
 
 
@@ -146,6 +148,7 @@ def test_choose_verbose(verbose, quiet, tty, expected):
         ["a.wav", "--batch-size", "0"],
         ["a.wav", "--temperature", "-1"],
         ["a.wav", "--verbose", "maybe"],
+        ["a.wav", "--backend", "tpu"],
         ["-", "-"],
         [],
     ],
@@ -189,6 +192,16 @@ def test_model_flag_and_fp16_reach_the_loader(backend, tmp_path):
     assert cli.main([audio, "--model", "mlx-community/whisper-base", "--fp16", "-o", str(tmp_path / "o")]) == 0
     assert backend.loaded == [("mlx-community/whisper-base", True)]
     assert backend.calls[0][1]["fp16"] is True
+
+
+def test_backend_flag_reaches_the_loader_and_is_reported(backend, tmp_path, capsys):
+    audio = _audio(tmp_path / "a.wav")
+    assert cli.main([audio, "--backend", "numpy", "-o", str(tmp_path / "o")]) == 0
+    assert backend.backend == "numpy"
+    assert "whisper_mlx: backend fake" in capsys.readouterr().err
+    assert cli.main([audio, "-o", str(tmp_path / "p"), "--quiet"]) == 0
+    assert backend.backend is None  # the library's choice: WHISPER_MLX_BACKEND or auto
+    assert "backend" not in capsys.readouterr().err
 
 
 def test_output_name_and_all_formats(backend, tmp_path):

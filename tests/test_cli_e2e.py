@@ -142,3 +142,16 @@ def test_console_scripts(script, tiny_en_dir, tmp_path):
     done = run_cli(str(DATA / "ls_test.flac"), "--model", tiny_en_dir, "-o", str(tmp_path), command=(path,))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ls_test.txt").read_text().strip()
+
+
+@pytest.mark.parametrize("backend", ["mlx", "numpy"])
+def test_backend_flag_transcribes_and_reports_the_backend(tiny_en_dir, tmp_path, backend):
+    import mlx.core as mx
+
+    if backend == "numpy" and mx.default_device() != mx.cpu:
+        pytest.skip("the numpy backend runs where MLX computes on the CPU")
+    done = run_cli(str(DATA / "jfk.flac"), "--model", tiny_en_dir, "--backend", backend, "-f", "txt",
+                   "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert re.search(rf"whisper_mlx: backend {backend} on (cpu|metal|cuda) \((float32|float16)\)", done.stderr)
+    assert "ask not what your country can do for you" in (tmp_path / "jfk.txt").read_text()

@@ -166,6 +166,12 @@ def test_auto_selection_and_models_the_numpy_backend_refuses(small_model, monkey
             select_backend(model, "numpy")
     features = MLXBackend(quantized).encode(np.zeros((1, 3000, 80), np.float32))
     assert features.shape == (1, 1500, 64)
+    chosen_before = Whisper(small_model.dims)
+    chosen_before.update(small_model.parameters())
+    backend = NumpyBackend(chosen_before)
+    nn.quantize(chosen_before, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+    with pytest.raises(BackendError, match="quantized"):  # a clear error, not a crash in a kernel
+        backend.encode(np.zeros((1, 3000, 80), np.float32))
     with pytest.raises(BackendError, match="unknown backend 'tpu'"):
         select_backend(small_model, "tpu")
     monkeypatch.setenv("WHISPER_MLX_BACKEND", "mlx")

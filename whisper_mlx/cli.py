@@ -37,15 +37,25 @@ def default_model_path() -> str:
     return library_default_model_path()
 
 
-def load_model(path_or_name: str, fp16: Optional[bool] = None):
-    """Load the model once; `fp16=None` keeps the loader's default dtype."""
+def load_model(path_or_name: str, fp16: Optional[bool] = None, backend: Optional[str] = None):
+    """Load the model once; `fp16=None` keeps the loader's default dtype, `backend=None` the default
+    choice (WHISPER_MLX_BACKEND or auto)."""
     from .load_models import load_model as library_load_model
 
     if fp16 is None:
-        return library_load_model(path_or_name)
+        return library_load_model(path_or_name, backend=backend)
     import mlx.core as mx
 
-    return library_load_model(path_or_name, dtype=mx.float16 if fp16 else mx.float32)
+    return library_load_model(path_or_name, dtype=mx.float16 if fp16 else mx.float32, backend=backend)
+
+
+def backend_summary(model) -> str:
+    """One line on what runs the model: backend, device, dtype."""
+    from .backends import backend_info
+
+    info = backend_info(model)
+    dtype = str(getattr(model, "dtype", info["default_dtype"])).replace("mlx.core.", "")
+    return f"backend {info['backend']} on {info['device']} ({dtype})"
 
 
 def transcribe(audio: str, **options) -> dict:
@@ -118,6 +128,9 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prepend the initial prompt to every window's prompt")
     group.add_argument("--condition-on-previous-text", type=str2bool, default=True,
                        help="prompt each window with the previous window's text")
+    group.add_argument("--backend", default=None, choices=["auto", "mlx", "numpy"],
+                       help="what computes: mlx (Metal, CUDA or CPU) or numpy (CPU, float32); default: "
+                            "$WHISPER_MLX_BACKEND or auto")
     group.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
                        help="compute in float16 (--no-fp16: float32); default: the library's choice")
 
@@ -336,7 +349,7 @@ def transcribe_one(audio: str, name: str, model, args: argparse.Namespace, optio
 def load_requested_model(args: argparse.Namespace):
     """The model from --model, or the library's default model; WhisperMLXError/OSError on failure."""
     path_or_name = args.model if args.model is not None else default_model_path()
-    return load_model(path_or_name, fp16=args.fp16)
+    return load_model(path_or_name, fp16=args.fp16, backend=args.backend)
 
 
 def run_all(args: argparse.Namespace, inputs: Sequence[str], model) -> int:
@@ -387,6 +400,8 @@ def run_cli(args: argparse.Namespace) -> int:
     except Exception as exc:  # a broken model must not dump a traceback on the user
         print(f"{PROG}: error: cannot load the model: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    if args.verbose and not args.quiet:
+        print(f"{PROG}: {backend_summary(model)}", file=sys.stderr)
     status = run_all(args, inputs, model)
     return 1 if len(inputs) < len(args.audio) else status
 

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ...errors import BackendError
 from ...runtime import on_cpu
 from ...whisper import Whisper
 from ..mlx_backend import MLXBackend
@@ -44,14 +45,23 @@ class NumpyBackend:
     @property
     def encoder(self) -> HostEncoder:
         if self._encoder is None or not _same_parameters(self.model.encoder, self._encoder.sources):
+            self._check_model()
             self._encoder = HostEncoder(self.model.encoder)
         return self._encoder
 
     @property
     def decoder(self) -> HostDecoder:
         if self._decoder is None or not _same_parameters(self.model.decoder, self._decoder.sources):
+            self._check_model()
             self._decoder = HostDecoder(self.model.decoder)
         return self._decoder
+
+    def _check_model(self) -> None:
+        """The weights were replaced (or are read the first time): still plain float32 on the CPU?"""
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            raise BackendError(f"the numpy backend cannot run this model: {reason} "
+                               "(load it with backend='mlx', or choose the backend after quantizing)")
 
     def encode(self, mels) -> np.ndarray:
         mels = np.asarray(mels, dtype=np.float32)
