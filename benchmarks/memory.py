@@ -73,7 +73,8 @@ def memory_row(name: str, seconds: int, audio: Path, raw: dict) -> dict:
         return {**row, "error": raw["error"]}
     return {**row, "peak_rss_mib": round(raw["peak_rss_bytes"] / 2**20, 1),
             "peak_rss_after_load_mib": round(raw["peak_rss_after_load_bytes"] / 2**20, 1),
-            "seconds": round(raw["seconds"], 2), "segments": raw["segments"], "text_chars": raw["text_chars"]}  # fmt: skip
+            "seconds": round(raw["seconds"], 2), "segments": raw["segments"],
+            "text_chars": raw["text_chars"]}  # fmt: skip
 
 
 def run_memory(model: Path, timeout: float, files=LONG_FILES) -> dict:

@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import whisper_mlx  # noqa: F401  (before mlx.core: BLAS preload)
+import whisper_mlx  # before mlx.core: BLAS preload
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 
@@ -96,9 +98,12 @@ def time_step(model, batch: int, repeats: int = 30) -> dict:
         logits = backend.step(state, backend.xp.full((batch,), 440, backend.xp.int32))
     token = backend.xp.full((batch,), 440, backend.xp.int32)
     history = decoding.TimestampHistory.empty(batch, backend.xp)
-    parts = {"step": lambda: backend.to_host(backend.step(state, token)),
-             "greedy filters": lambda: backend.to_host(
-                 task.timestamp_rules.greedy(task.suppressor.apply(logits, 5), history, 5)[0])}
+    parts = {
+        "step": lambda: backend.to_host(backend.step(state, token)),
+        "greedy filters": lambda: backend.to_host(
+            task.timestamp_rules.greedy(task.suppressor.apply(logits, 5), history, 5)[0]
+        ),
+    }
     out = {}
     for name, run in parts.items():
         run()
@@ -126,14 +131,21 @@ def main(argv=None) -> None:
     report = profile_file(model, audio, args.batch_size)
     clock = report["clock"]
     steps = sum(clock.steps.values())
-    print(f"{audio.name}, batch_size {args.batch_size}: total {report['total']:.1f} s"
-          + (f", WER {report['wer']:.2%}" if report["wer"] is not None else ""))
+    print(
+        f"{audio.name}, batch_size {args.batch_size}: total {report['total']:.1f} s"
+        + (f", WER {report['wer']:.2%}" if report["wer"] is not None else "")
+    )
     windows = clock.windows
-    print(f"  encoder: {clock.seconds['encoder']:.1f} s for {windows} windows in {clock.calls['encoder']} batches "
-          f"({clock.seconds['encoder'] / max(windows, 1):.2f} s/window)")
-    print(f"  decoder: {clock.seconds['decoder']:.1f} s, {steps} steps "
-          f"({clock.seconds['decoder'] / max(steps, 1) * 1000:.1f} ms/step; rows per step: "
-          + ", ".join(f"{b}: {n}" for b, n in sorted(clock.steps.items())) + ")")
+    print(
+        f"  encoder: {clock.seconds['encoder']:.1f} s for {windows} windows in {clock.calls['encoder']} batches "
+        f"({clock.seconds['encoder'] / max(windows, 1):.2f} s/window)"
+    )
+    print(
+        f"  decoder: {clock.seconds['decoder']:.1f} s, {steps} steps "
+        f"({clock.seconds['decoder'] / max(steps, 1) * 1000:.1f} ms/step; rows per step: "
+        + ", ".join(f"{b}: {n}" for b, n in sorted(clock.steps.items()))
+        + ")"
+    )
     other = report["total"] - clock.seconds["encoder"] - clock.seconds["decoder"]
     print(f"  other (mel, VAD, segments, host work): {other:.1f} s")
 

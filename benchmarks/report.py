@@ -79,8 +79,12 @@ def markdown(data: dict) -> str:
         (
             f"- Time: median of {data['runs']} run(s) after one warm-up on `{data['warmup_file']}` "
             f"({data['long_runs']} on generated long files); audio decoded once, outside the timing"
-            + ("; the runs are rounds: every system once per round, each in a fresh process (load, warm-up, "
-               "one timed run)" if data.get("rounds") else "")
+            + (
+                "; the runs are rounds: every system once per round, each in a fresh process (load, warm-up, "
+                "one timed run)"
+                if data.get("rounds")
+                else ""
+            )
         ),
         (
             "- × real time: audio seconds / time. WER: jiwer on `benchmarks/normalize.py`-normalised text. "
@@ -175,7 +179,7 @@ def _bars(ax, labels, values, colors, title, texts, floor: float) -> None:
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels)
     ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, max(values + [floor]) * 1.45)
+    ax.set_xlim(0, max([*values, floor]) * 1.45)
     for y, (value, text) in enumerate(zip(values, texts)):
         ax.text(value, y, " " + text, va="center", fontsize=9)
     ax.grid(axis="x", alpha=0.3)

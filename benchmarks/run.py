@@ -53,12 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results, quick: benchmarks/out)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measurement")
     p.add_argument("--memory", action="store_true",
-                   help="only the memory test: whisper_mlx peak RSS on a 10-minute and a 2-hour file, and their ratio")  # fmt: skip
+                   help="only the memory test: whisper_mlx peak RSS on a 10-minute and a 2-hour file, "
+                        "and their ratio")  # fmt: skip
     p.add_argument(
         "--no-setup", action="store_true", help="skip systems whose venv is not ready instead of creating it"
     )
     p.add_argument("--readme", choices=["auto", "yes", "no"], default="auto",
-                   help="embed the table in benchmarks/README.md (auto: in full mode when --out is the default)")  # fmt: skip
+                   help="embed the table in benchmarks/README.md "
+                        "(auto: in full mode when --out is the default)")  # fmt: skip
     args = p.parse_args(argv)
     args.files = args.files or (QUICK_FILES if args.quick else FULL_FILES)
     args.runs = args.runs or (1 if args.quick else 3)
@@ -95,7 +97,7 @@ def prepare_systems(systems: list[System], no_setup: bool) -> tuple[dict[str, Pa
             continue
         try:
             pythons[system.key] = ensure_venv(system)
-        except Exception as exc:  # noqa: BLE001 - one broken upstream package must not stop the others
+        except Exception as exc:  # one broken upstream package must not stop the others
             errors[system.key] = f"setup failed: {exc}"
             print(f"!! {system.key}: {errors[system.key]}", flush=True)
     return pythons, errors
@@ -155,8 +157,10 @@ def measure_all(args, systems, pythons, files: list[AudioFile], warmup: AudioFil
             for system in measured:
                 if any("error" in part for part in rounds[system.key]):
                     continue
-                print(f"-- {system.key} on {audio.name} (sha256 {audio.sha256[:16]}, round {number} of {runs}) ...",
-                      flush=True)
+                print(
+                    f"-- {system.key} on {audio.name} (sha256 {audio.sha256[:16]}, round {number} of {runs}) ...",
+                    flush=True,
+                )
                 rounds[system.key].append(run_measurement(system, commands[system.key], args.timeout))
         for system in measured:
             row = summarize(system, audio, merge_rounds(rounds[system.key]))

@@ -39,11 +39,12 @@ class System:
     tags: frozenset = field(default_factory=frozenset)
 
 
-_MLXW = dict(runner="mlx_whisper_runner.py", weights="mlx", venv="mlx_whisper",
-             install=(_TORCH, ("mlx-whisper==0.4.3", *_MLX_CPU)))  # fmt: skip
-_LIGHTNING = dict(runner="lightning_runner.py", weights="mlx", venv="lightning", batch_size=12,
-                  install=(_TORCH, ("lightning-whisper-mlx==0.0.10", *_MLX_CPU)))  # fmt: skip
-_FASTER = dict(runner="faster_whisper_runner.py", weights="ct2", venv="faster_whisper", install=(("faster-whisper",),))
+_MLXW = {"runner": "mlx_whisper_runner.py", "weights": "mlx", "venv": "mlx_whisper",
+         "install": (_TORCH, ("mlx-whisper==0.4.3", *_MLX_CPU))}  # fmt: skip
+_LIGHTNING = {"runner": "lightning_runner.py", "weights": "mlx", "venv": "lightning", "batch_size": 12,
+              "install": (_TORCH, ("lightning-whisper-mlx==0.0.10", *_MLX_CPU))}  # fmt: skip
+_FASTER = {"runner": "faster_whisper_runner.py", "weights": "ct2", "venv": "faster_whisper",
+           "install": (("faster-whisper",),)}  # fmt: skip
 
 SYSTEMS: list[System] = [
     System(

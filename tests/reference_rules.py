@@ -4,8 +4,9 @@ vectorised on-device rules are tested against)."""
 import numpy as np
 
 
-def reference_filter(logits, sampled, *, ts_begin, eot, no_timestamps, suppress, blank,
-                     max_initial_index, with_timestamps=True):
+def reference_filter(
+    logits, sampled, *, ts_begin, eot, no_timestamps, suppress, blank, max_initial_index, with_timestamps=True
+):
     """logits (B, V) float64; sampled: list of per-row sampled token lists (same length)."""
     logits = logits.copy()
     n_sampled = len(sampled[0])

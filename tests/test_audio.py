@@ -175,12 +175,20 @@ Error opening input files: Invalid data found when processing input
 """
 
 
-@pytest.mark.parametrize(("stderr", "path", "reason"), [
-    (FFMPEG_5_STDERR, "/tmp/x/header_only.mp3", "Failed to read frame size: Could not seek to 1138; Invalid argument"),
-    (FFMPEG_7_STDERR, "/tmp/x/notes.wav", "Error opening input: Invalid data found when processing input"),
-    (b"  libavutil      57. 28.100 / 57. 28.100\n", "/tmp/x/a.wav", "ffmpeg cannot decode it"),
-    (b"x" * 1000, "/tmp/x/a.wav", "x" * 197 + "..."),
-], ids=["ffmpeg5-banner", "ffmpeg7-repeated-cause", "banner-only", "long-line"])
+@pytest.mark.parametrize(
+    ("stderr", "path", "reason"),
+    [
+        (
+            FFMPEG_5_STDERR,
+            "/tmp/x/header_only.mp3",
+            "Failed to read frame size: Could not seek to 1138; Invalid argument",
+        ),
+        (FFMPEG_7_STDERR, "/tmp/x/notes.wav", "Error opening input: Invalid data found when processing input"),
+        (b"  libavutil      57. 28.100 / 57. 28.100\n", "/tmp/x/a.wav", "ffmpeg cannot decode it"),
+        (b"x" * 1000, "/tmp/x/a.wav", "x" * 197 + "..."),
+    ],
+    ids=["ffmpeg5-banner", "ffmpeg7-repeated-cause", "banner-only", "long-line"],
+)
 def test_ffmpeg_cli_reason_is_its_last_errors_on_one_line(stderr, path, reason):
     assert audio_module._ffmpeg_cli_reason(stderr, path) == reason
 

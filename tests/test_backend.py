@@ -11,9 +11,10 @@ PROBE = "import os, whisper_mlx; print(whisper_mlx.backend_info()['blas'], os.en
 
 def probe(**env) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("KMP_BLOCKTIME", "WHISPER_MLX_BLAS")}
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
-                          env={**clean, **env}, check=True)
-    return done.stdout.strip().split('|')
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, env={**clean, **env}, check=True
+    )
+    return done.stdout.strip().split("|")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")

@@ -37,8 +37,14 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
 CLI_TIMEOUT = 180
 # whisper base's dimensions: tiny.en's weights cannot fill them
-BASE_DIMS = {"n_audio_state": 512, "n_text_state": 512, "n_audio_head": 8, "n_text_head": 8,
-             "n_audio_layer": 6, "n_text_layer": 6}
+BASE_DIMS = {
+    "n_audio_state": 512,
+    "n_text_state": 512,
+    "n_audio_head": 8,
+    "n_text_head": 8,
+    "n_audio_layer": 6,
+    "n_text_layer": 6,
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +91,9 @@ FILE_CASES = [
 
 
 def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "whisper_mlx", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "whisper_mlx", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @pytest.mark.parametrize(("name", "problem"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
@@ -127,7 +134,7 @@ def test_undecodable_file_cli_is_one_line(name, bad_files, tiny_en_dir, tmp_path
     [line] = done.stderr.splitlines()
     prefix = "whisper_mlx: error: "
     assert line.startswith(prefix), line
-    assert_one_line_unreadable(line[len(prefix):], bad_files[name])
+    assert_one_line_unreadable(line[len(prefix) :], bad_files[name])
 
 
 def test_half_mp3_transcribes_the_decodable_part_with_a_warning(bad_files, model):
@@ -189,20 +196,29 @@ def test_bad_mlx_array(model):
 
 # ---- models ----
 
+
 @pytest.fixture(scope="module")
 def bad_models(tmp_path_factory, tiny_en_dir) -> dict:
     """A directory without weights, and tiny.en weights under configs of other sizes."""
     root = tmp_path_factory.mktemp("bad_models")
     converted = root / "tiny_en_mlx"
-    done = subprocess.run([sys.executable, "-m", "whisper_mlx.convert", str(tiny_en_dir), str(converted)],
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "whisper_mlx.convert", str(tiny_en_dir), str(converted)],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     config = json.loads((converted / "config.json").read_text())
     no_weights = root / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps(config))
     models = {"no_weights": no_weights}
-    for name, dims in [("base_dims", BASE_DIMS), ("wider", {"n_audio_state": 512, "n_text_state": 512, "n_audio_head": 8, "n_text_head": 8})]:
+    for name, dims in [
+        ("base_dims", BASE_DIMS),
+        ("wider", {"n_audio_state": 512, "n_text_state": 512, "n_audio_head": 8, "n_text_head": 8}),
+    ]:
         target = root / name
         target.mkdir()
         (target / "config.json").write_text(json.dumps({**config, **dims}))

@@ -156,7 +156,8 @@ def _fake_results() -> dict:
 
     rows = [row("whisper_mlx-batched", "whisper_mlx (batched 12)", 20.0, 0.11, 600),
             row("mlx-whisper", "mlx-whisper 0.4.3", 180.0, 0.115, 700),
-            {"system": "lightning", "label": "lightning-whisper-mlx", "file": "alice_ch1", "error": "exit 1: Boom"}]  # fmt: skip
+            {"system": "lightning", "label": "lightning-whisper-mlx", "file": "alice_ch1",
+             "error": "exit 1: Boom"}]  # fmt: skip
     from benchmarks.run import add_ratios
 
     add_ratios(rows)
@@ -164,7 +165,8 @@ def _fake_results() -> dict:
             "mode": "full", "model": "tiny.en", "mlx_dtype": "float32", "runs": 3, "long_runs": 1, "warmup_file": "jfk",
             "machine": {"cpu": "Test CPU", "cores": 2, "os": "Linux", "python": "3.11", "mlx": "0.0",
                         "memory_gib": 24, "blas_preloaded_for_mlx_peers": "/x/libmkl_rt.so.2", "slug": "test"},
-            "files": [{"name": "alice_ch1", "seconds": 418.5, "sha256": "ab" * 32, "audio": "benchmarks/data/alice_ch1.flac"}],
+            "files": [{"name": "alice_ch1", "seconds": 418.5, "sha256": "ab" * 32,
+                       "audio": "benchmarks/data/alice_ch1.flac"}],
             "systems": [], "results": rows}  # fmt: skip
 
 
@@ -272,15 +274,22 @@ def test_runs_are_rounds_over_the_systems(monkeypatch, tmp_path):
         assert command[command.index("--runs") + 1] == "1"  # one timed run per process
         if system.key == "lightning":
             return {"error": "exit 1: boom"}
-        return {"times": [0.5 + len(calls)], "text": "and so my fellow americans",
-                "peak_rss_bytes": len(calls) * 2**20, "load_s": 0.1, "warmup_s": 0.2}
+        return {
+            "times": [0.5 + len(calls)],
+            "text": "and so my fellow americans",
+            "peak_rss_bytes": len(calls) * 2**20,
+            "load_s": 0.1,
+            "warmup_s": 0.2,
+        }
 
     monkeypatch.setattr(run, "run_measurement", fake_measurement)
     monkeypatch.setattr(run, "mlx_model", lambda model, dtype: tmp_path)
     monkeypatch.setattr(run, "optimized_blas", lambda: None)
     keys = ["whisper_mlx-batched", "whisper_mlx", "lightning"]
     systems = [BY_KEY[key] for key in keys]
-    audio = AudioFile("jfk", tmp_path / "a.flac", "And so my fellow Americans", "en", "0" * 64, 11.0, tmp_path / "a.npy")
+    audio = AudioFile(
+        "jfk", tmp_path / "a.flac", "And so my fellow Americans", "en", "0" * 64, 11.0, tmp_path / "a.npy"
+    )
     args = run.parse_args(["--runs", "3", "--systems", *keys])
     rows = run.measure_all(args, systems, {key: Path(sys.executable) for key in keys}, [audio], audio)
     assert calls == [*keys, *keys[:2], *keys[:2]]  # round by round; lightning failed in round 1

@@ -14,8 +14,18 @@ from whisper_mlx.errors import AudioError, ModelNotFoundError
 
 def _result_for(audio):
     text = f" heard {os.path.basename(audio)}"
-    segment = {"id": 0, "seek": 0, "start": 0.0, "end": 1.5, "text": text, "tokens": [1, 2], "temperature": 0.0,
-               "avg_logprob": -0.2, "compression_ratio": 1.1, "no_speech_prob": 0.0}
+    segment = {
+        "id": 0,
+        "seek": 0,
+        "start": 0.0,
+        "end": 1.5,
+        "text": text,
+        "tokens": [1, 2],
+        "temperature": 0.0,
+        "avg_logprob": -0.2,
+        "compression_ratio": 1.1,
+        "no_speech_prob": 0.0,
+    }
     return {"text": text, "language": "en", "segments": [segment]}
 
 
@@ -68,6 +78,7 @@ def _parse(*argv):
 
 # ---- parsing ----
 
+
 def test_defaults():
     args = _parse()
     assert (args.model, args.output_dir, args.output_format, args.output_name) == (None, ".", "txt", None)
@@ -79,12 +90,45 @@ def test_defaults():
 
 
 def test_kebab_case_flags():
-    args = _parse("--model", "mlx-community/whisper-tiny", "-o", "out", "-f", "srt", "--verbose", "False",
-                  "--task", "translate", "--language", "French", "--batch-size", "8", "--best-of", "3",
-                  "--condition-on-previous-text", "false", "--initial-prompt", "Hi", "--carry-initial-prompt", "True",
-                  "--word-timestamps", "True", "--highlight-words", "True", "--max-line-width", "40",
-                  "--max-line-count", "2", "--no-fp16", "--clip-timestamps", "1,5", "--logprob-threshold", "None",
-                  "--hallucination-silence-threshold", "2")
+    args = _parse(
+        "--model",
+        "mlx-community/whisper-tiny",
+        "-o",
+        "out",
+        "-f",
+        "srt",
+        "--verbose",
+        "False",
+        "--task",
+        "translate",
+        "--language",
+        "French",
+        "--batch-size",
+        "8",
+        "--best-of",
+        "3",
+        "--condition-on-previous-text",
+        "false",
+        "--initial-prompt",
+        "Hi",
+        "--carry-initial-prompt",
+        "True",
+        "--word-timestamps",
+        "True",
+        "--highlight-words",
+        "True",
+        "--max-line-width",
+        "40",
+        "--max-line-count",
+        "2",
+        "--no-fp16",
+        "--clip-timestamps",
+        "1,5",
+        "--logprob-threshold",
+        "None",
+        "--hallucination-silence-threshold",
+        "2",
+    )
     assert args.model == "mlx-community/whisper-tiny" and args.output_dir == "out" and args.output_format == "srt"
     assert args.verbose is False and args.task == "translate" and args.language == "fr"
     assert (args.batch_size, args.best_of, args.max_line_width, args.max_line_count) == (8, 3, 40, 2)
@@ -117,16 +161,31 @@ def test_transcribe_options_from_defaults():
     assert options["temperature"] == pytest.approx((0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
     assert options["verbose"] is True and options["batch_size"] == 1 and options["task"] == "transcribe"
     assert options["best_of"] == 5 and options["suppress_tokens"] == "-1"
-    for absent in ("fp16", "language", "initial_prompt", "audio", "model", "output_dir", "quiet",
-                   "max_line_width", "highlight_words", "temperature_increment_on_fallback"):
+    for absent in (
+        "fp16",
+        "language",
+        "initial_prompt",
+        "audio",
+        "model",
+        "output_dir",
+        "quiet",
+        "max_line_width",
+        "highlight_words",
+        "temperature_increment_on_fallback",
+    ):
         assert absent not in options
 
 
 def test_transcribe_options_keep_set_values():
-    options = cli.build_transcribe_options(_parse("--fp16", "--language", "de", "--initial-prompt", "x",
-                                                  "--temperature-increment-on-fallback", "0"))
+    options = cli.build_transcribe_options(
+        _parse("--fp16", "--language", "de", "--initial-prompt", "x", "--temperature-increment-on-fallback", "0")
+    )
     assert (options["fp16"], options["language"], options["initial_prompt"], options["temperature"]) == (
-        True, "de", "x", 0.0)
+        True,
+        "de",
+        "x",
+        0.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,14 +225,20 @@ def test_help_exits_0(capsys):
 
 # ---- naming ----
 
+
 def test_assign_output_names():
     assert cli.assign_output_names(["x/talk.wav", "y/talk.mp3", "talk-2.flac", "-"]) == [
-        "talk", "talk-3", "talk-2", "stdin"]
+        "talk",
+        "talk-3",
+        "talk-2",
+        "stdin",
+    ]
     assert cli.assign_output_names(["A.wav", "a.wav"]) == ["A", "a-2"]
     assert cli.assign_output_names(["x/one.wav"], "custom.name") == ["custom.name"]
 
 
 # ---- running with the fake backend ----
+
 
 def test_each_input_gets_its_own_outputs_and_one_model(backend, tmp_path):
     first, second = _audio(tmp_path / "x" / "talk.wav"), _audio(tmp_path / "y" / "talk.wav")
@@ -298,4 +363,3 @@ def test_subtitle_options_reach_the_writer(backend, monkeypatch, tmp_path):
     argv = [audio, "-f", "vtt", "-o", str(tmp_path / "o"), "--word-timestamps", "True", "--highlight-words", "True"]
     assert cli.main(argv) == 0
     assert "<u>heard</u> it" in (tmp_path / "o" / "a.vtt").read_text()
-

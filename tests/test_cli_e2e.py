@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
 JFK_SECONDS = 11.0
@@ -97,8 +96,9 @@ def test_json_matches_txt(jfk_all):
 
 
 def test_two_inputs_write_two_sets(tiny_en_dir, tmp_path):
-    done = run_cli(str(DATA / "jfk.flac"), str(DATA / "ls_test.flac"), "--model", tiny_en_dir, "-f", "all",
-                   "-o", str(tmp_path))
+    done = run_cli(
+        str(DATA / "jfk.flac"), str(DATA / "ls_test.flac"), "--model", tiny_en_dir, "-f", "all", "-o", str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
     expected = sorted(f"{stem}.{ext}" for stem in ("jfk", "ls_test") for ext in ("json", "srt", "tsv", "txt", "vtt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == expected
@@ -108,14 +108,26 @@ def test_two_inputs_write_two_sets(tiny_en_dir, tmp_path):
 
 
 def test_highlighted_words(tiny_en_dir, tmp_path):
-    done = run_cli(str(DATA / "jfk.flac"), "--model", tiny_en_dir, "--word-timestamps", "True",
-                   "--highlight-words", "True", "-f", "srt", "-o", str(tmp_path))
+    done = run_cli(
+        str(DATA / "jfk.flac"),
+        "--model",
+        tiny_en_dir,
+        "--word-timestamps",
+        "True",
+        "--highlight-words",
+        "True",
+        "-f",
+        "srt",
+        "-o",
+        str(tmp_path),
+    )
     assert done.returncode == 0, done.stderr
     srt = (tmp_path / "jfk.srt").read_text()
     underlined = re.findall(r"<u>([^<]+)</u>", srt)
     assert len(underlined) >= 20 and "Americans" in underlined
-    assert all(len(re.findall("<u>", block_text)) == 1
-               for block_text in ("\n".join(b[2:]) for b in srt_blocks(srt)))  # one word per cue
+    assert all(
+        len(re.findall("<u>", block_text)) == 1 for block_text in ("\n".join(b[2:]) for b in srt_blocks(srt))
+    )  # one word per cue
     assert_valid_timeline(cue_times(srt))
 
 
@@ -123,8 +135,7 @@ def test_a_failing_input_among_good_ones(tiny_en_dir, tmp_path):
     bad = tmp_path / "notes.wav"
     bad.write_text("not audio\n" * 50)
     out = tmp_path / "out"
-    done = run_cli(str(DATA / "jfk.flac"), str(bad), str(DATA / "ls_test.flac"), "--model", tiny_en_dir,
-                   "-o", str(out))
+    done = run_cli(str(DATA / "jfk.flac"), str(bad), str(DATA / "ls_test.flac"), "--model", tiny_en_dir, "-o", str(out))
     assert done.returncode == 1
     assert f"whisper_mlx: error: {bad}: not a readable audio file" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["jfk.txt", "ls_test.txt"]
@@ -135,8 +146,10 @@ def test_a_failing_input_among_good_ones(tiny_en_dir, tmp_path):
 def test_console_scripts(script, tiny_en_dir, tmp_path):
     path = shutil.which(script)
     if path is None:
-        pytest.skip(f"console script {script!r} is not on PATH: the package is not pip-installed here "
-                    "(pip install -e . creates it from pyproject's [project.scripts])")
+        pytest.skip(
+            f"console script {script!r} is not on PATH: the package is not pip-installed here "
+            "(pip install -e . creates it from pyproject's [project.scripts])"
+        )
     done = run_cli("--help", command=(path,))
     assert done.returncode == 0 and done.stdout.startswith("usage: whisper_mlx")
     done = run_cli(str(DATA / "ls_test.flac"), "--model", tiny_en_dir, "-o", str(tmp_path), command=(path,))
@@ -150,8 +163,9 @@ def test_backend_flag_transcribes_and_reports_the_backend(tiny_en_dir, tmp_path,
 
     if backend == "numpy" and mx.default_device() != mx.cpu:
         pytest.skip("the numpy backend runs where MLX computes on the CPU")
-    done = run_cli(str(DATA / "jfk.flac"), "--model", tiny_en_dir, "--backend", backend, "-f", "txt",
-                   "-o", str(tmp_path))
+    done = run_cli(
+        str(DATA / "jfk.flac"), "--model", tiny_en_dir, "--backend", backend, "-f", "txt", "-o", str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
     assert re.search(rf"whisper_mlx: backend {backend} on (cpu|metal|cuda) \((float32|float16)\)", done.stderr)
     assert "ask not what your country can do for you" in (tmp_path / "jfk.txt").read_text()

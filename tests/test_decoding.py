@@ -5,21 +5,35 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from reference_rules import reference_filter
 from whisper_mlx.backends.mlx_backend import MLXBackend
 from whisper_mlx.backends.numpy_backend import NumpyBackend
-from whisper_mlx.decoding import (ApplyTimestampRules, DecodingOptions, DecodingTask, SuppressTokens,
-                                  TimestampHistory, compression_ratio, rank_candidates, select_tokens)
+from whisper_mlx.decoding import (
+    ApplyTimestampRules,
+    DecodingOptions,
+    DecodingTask,
+    SuppressTokens,
+    TimestampHistory,
+    compression_ratio,
+    rank_candidates,
+    select_tokens,
+)
 from whisper_mlx.errors import DecodingError
 from whisper_mlx.tokenizer import get_tokenizer
 from whisper_mlx.whisper import ModelDimensions, Whisper
+
+from reference_rules import reference_filter
 
 N_VOCAB = 51864  # tiny.en
 
 
 def random_history(rng, batch, n, ts_begin, xp=mx):
-    seqs = [[int(rng.integers(ts_begin, ts_begin + 40)) if rng.random() < 0.5 else int(rng.integers(0, 500))
-             for _ in range(n)] for _ in range(batch)]
+    seqs = [
+        [
+            int(rng.integers(ts_begin, ts_begin + 40)) if rng.random() < 0.5 else int(rng.integers(0, 500))
+            for _ in range(n)
+        ]
+        for _ in range(batch)
+    ]
     history = TimestampHistory.empty(batch, xp)
     for i in range(n):
         history = history.push(xp.array([s[i] for s in seqs], dtype=xp.int32), ts_begin)
@@ -31,21 +45,28 @@ def random_history(rng, batch, n, ts_begin, xp=mx):
 def test_timestamp_rules_equal_reference(seed, xp):
     tokenizer = get_tokenizer(False)
     ts_begin = tokenizer.timestamp_begin
-    suppressed = list(tokenizer.non_speech_tokens) + [tokenizer.sot, tokenizer.no_speech]
+    suppressed = [*tokenizer.non_speech_tokens, tokenizer.sot, tokenizer.no_speech]
     blank = [*tokenizer.encode(" "), tokenizer.eot]
     suppressor = SuppressTokens(N_VOCAB, suppressed, blank)
     rules = ApplyTimestampRules(tokenizer, N_VOCAB, max_initial_timestamp_index=50)
     rng = np.random.default_rng(seed)
-    for trial in range(25):
+    for _trial in range(25):
         n = int(rng.integers(0, 6))
         seqs, history = random_history(rng, 5, n, ts_begin, xp)
         logits = rng.normal(size=(5, N_VOCAB)) * 3
         logits[:, ts_begin:] += rng.normal() * 6  # sometimes timestamps dominate, sometimes text
         got = rules.apply(suppressor.apply(xp.array(logits.astype(np.float32)), n), history, n)
         got = np.array(got)
-        want = reference_filter(logits, seqs, ts_begin=ts_begin, eot=tokenizer.eot,
-                                no_timestamps=tokenizer.no_timestamps, suppress=suppressed, blank=blank,
-                                max_initial_index=50)
+        want = reference_filter(
+            logits,
+            seqs,
+            ts_begin=ts_begin,
+            eot=tokenizer.eot,
+            no_timestamps=tokenizer.no_timestamps,
+            suppress=suppressed,
+            blank=blank,
+            max_initial_index=50,
+        )
         np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
         finite = np.isfinite(want)
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4)
@@ -64,8 +85,18 @@ def test_row_never_fully_masked_after_last_timestamp():
 
 
 def tiny_dims(n_vocab=51864):
-    return ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=n_vocab, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2)
+    return ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=64,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=n_vocab,
+        n_text_ctx=448,
+        n_text_state=64,
+        n_text_head=2,
+        n_text_layer=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +125,15 @@ def test_left_padded_row_equals_unpadded(random_model):
     state = random_model.new_state(features)
     alone, _ = random_model.step(mx.array([short]), state)
     padded_state = random_model.new_state(mx.concatenate([features, features]), mx.array([0, 3], mx.int32))
-    rows = mx.array([[50361, 1, 2] + short, [50256] * 3 + short])
+    rows = mx.array([[50361, 1, 2, *short], [50256, 50256, 50256, *short]])
     together, _ = random_model.step(rows, padded_state)
     np.testing.assert_allclose(np.array(together[1, -1]), np.array(alone[0, -1]), atol=1e-4)
     nxt = mx.array([[9], [9]])
-    np.testing.assert_allclose(np.array(random_model.step(nxt, padded_state)[0][1, -1]),
-                               np.array(random_model.step(nxt[:1], state)[0][0, -1]), atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(random_model.step(nxt, padded_state)[0][1, -1]),
+        np.array(random_model.step(nxt[:1], state)[0][0, -1]),
+        atol=1e-4,
+    )
 
 
 def test_batch_equals_single_and_compaction(random_model):
@@ -150,11 +184,12 @@ def test_fused_greedy_equals_masked_argmax(seed):
     tokenizer = get_tokenizer(True, language="en", task="transcribe")
     n_vocab = 51865
     ts_begin = tokenizer.timestamp_begin
-    suppressor = SuppressTokens(n_vocab, list(tokenizer.non_speech_tokens) + [tokenizer.sot],
-                                [*tokenizer.encode(" "), tokenizer.eot])
+    suppressor = SuppressTokens(
+        n_vocab, [*tokenizer.non_speech_tokens, tokenizer.sot], [*tokenizer.encode(" "), tokenizer.eot]
+    )
     rules = ApplyTimestampRules(tokenizer, n_vocab, max_initial_timestamp_index=50)
     rng = np.random.default_rng(100 + seed)
-    for trial in range(25):
+    for _trial in range(25):
         n = int(rng.integers(0, 6))
         _, history = random_history(rng, 6, n, ts_begin)
         logits = rng.normal(size=(6, n_vocab)) * 3
@@ -170,8 +205,9 @@ def test_fused_greedy_equals_masked_argmax(seed):
         np.testing.assert_array_equal(np.array(tokens), np.array(want_tokens))
         np.testing.assert_allclose(np.array(logprob), want_logprob, rtol=1e-5, atol=2e-4)
         # the same filters on numpy arrays (MLX's CPU backend runs greedy steps there)
-        host_history = TimestampHistory(*(np.array(a) for a in (history.last, history.penultimate,
-                                                                 history.last_timestamp)))
+        host_history = TimestampHistory(
+            *(np.array(a) for a in (history.last, history.penultimate, history.last_timestamp))
+        )
         host_tokens, host_logprob = rules.greedy(suppressor.apply(logits.astype(np.float32), n), host_history, n)
         assert isinstance(host_tokens, np.ndarray) and host_tokens.dtype == np.int32
         np.testing.assert_array_equal(host_tokens, np.array(want_tokens))

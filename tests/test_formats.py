@@ -143,14 +143,28 @@ def test_rebuild_tensor_handles_offsets_strides_and_bounds():
 
 def test_torch_pickle_round_trips_containers_and_scalars(tmp_path):
     base = np.arange(12, dtype=np.float32).reshape(3, 4)
-    obj = {"a": base, "nested": OrderedDict(b=np.ones((2,), np.float16), c=np.array(True)), "n": 7, "big": 2**40,
-           "s": "x", "f": 0.5, "t": (1, 2), "l": [None, False]}
+    obj = {
+        "a": base,
+        "nested": OrderedDict(b=np.ones((2,), np.float16), c=np.array(True)),
+        "n": 7,
+        "big": 2**40,
+        "s": "x",
+        "f": 0.5,
+        "t": (1, 2),
+        "l": [None, False],
+    }
     write_torch_zip(obj, tmp_path / "t.pt")
     back = read_torch_zip(tmp_path / "t.pt")
     np.testing.assert_array_equal(back["a"], base)
     assert back["nested"]["b"].dtype == np.float16 and back["nested"]["c"].shape == ()
-    assert (back["n"], back["big"], back["s"], back["f"], back["t"], back["l"]) == (7, 2**40, "x", 0.5, (1, 2),
-                                                                                    [None, False])
+    assert (back["n"], back["big"], back["s"], back["f"], back["t"], back["l"]) == (
+        7,
+        2**40,
+        "x",
+        0.5,
+        (1, 2),
+        [None, False],
+    )
 
 
 def _malicious_pickle(payload: bytes) -> bytes:
@@ -175,8 +189,12 @@ def test_malicious_pt_is_refused_not_run(tmp_path, kind):
     if kind == "reduce":
         data = _malicious_pickle(f"touch {marker}".encode())
     else:  # a GLOBAL builtins.eval called through REDUCE
-        data = b"\x80\x02cbuiltins\neval\nX" + len(f"open('{marker}','w')").to_bytes(4, "little") + \
-            f"open('{marker}','w')".encode() + b"\x85R."
+        data = (
+            b"\x80\x02cbuiltins\neval\nX"
+            + len(f"open('{marker}','w')").to_bytes(4, "little")
+            + f"open('{marker}','w')".encode()
+            + b"\x85R."
+        )
     _zip_with_pickle(tmp_path / "evil.pt", data)
     with pytest.raises(ModelFormatError, match="refusing"):
         read_openai_checkpoint(tmp_path / "evil.pt")
@@ -237,7 +255,7 @@ def test_truncated_files_raise_model_format_error(tiny, tiny_en_dir, tmp_path):
 def test_corrupt_configs(tiny, tmp_path):
     write_mlx_checkpoint(tiny, tmp_path, ("weights.npz",))
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ModelFormatError, match="config.json"):
+    with pytest.raises(ModelFormatError, match=r"config\.json"):
         read_mlx_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper", "n_mels": 80}))
     with pytest.raises(ModelFormatError, match="n_audio_ctx"):
@@ -264,12 +282,15 @@ def test_torch_load_reads_our_pt(tiny, tmp_path):
     obj = torch.load(tmp_path / "m.pt", weights_only=True)
     state = obj["model_state_dict"]
     assert obj["dims"] == tiny.dims.to_dict()
-    np.testing.assert_array_equal(state["decoder.token_embedding.weight"].numpy(),
-                                  tiny.weights["decoder.token_embedding.weight"])
-    np.testing.assert_array_equal(state["encoder.conv1.weight"].numpy(),
-                                  tiny.weights["encoder.conv1.weight"].transpose(0, 2, 1))
+    np.testing.assert_array_equal(
+        state["decoder.token_embedding.weight"].numpy(), tiny.weights["decoder.token_embedding.weight"]
+    )
+    np.testing.assert_array_equal(
+        state["encoder.conv1.weight"].numpy(), tiny.weights["encoder.conv1.weight"].transpose(0, 2, 1)
+    )
     buffer = io.BytesIO()
     torch.save({"dims": obj["dims"], "model_state_dict": state}, buffer)  # and torch's own files read back
     (tmp_path / "torch.pt").write_bytes(buffer.getvalue())
-    np.testing.assert_array_equal(read_openai_checkpoint(tmp_path / "torch.pt").weights["decoder.ln.weight"],
-                                  tiny.weights["decoder.ln.weight"])
+    np.testing.assert_array_equal(
+        read_openai_checkpoint(tmp_path / "torch.pt").weights["decoder.ln.weight"], tiny.weights["decoder.ln.weight"]
+    )

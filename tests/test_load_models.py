@@ -10,16 +10,18 @@ import threading
 import zipfile
 from pathlib import Path
 
+import whisper_mlx  # noqa: F401  (BLAS preload before mlx)
+
+# isort: split
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
-import whisper_mlx  # noqa: F401  (BLAS preload before mlx)
-import mlx.core as mx
-import mlx.nn as nn
-
 from whisper_mlx import hub, load_models
 from whisper_mlx.audio import N_SAMPLES, log_mel_spectrogram
-from whisper_mlx.convert import convert, main as convert_main
+from whisper_mlx.convert import convert
+from whisper_mlx.convert import main as convert_main
 from whisper_mlx.errors import ModelFormatError, ModelNotFoundError
 from whisper_mlx.load_models import get_cached_model, load_model
 
@@ -145,8 +147,9 @@ def test_weights_file_path_loads_its_directory(converted, reference):
 
 # ---- errors -----------------------------------------------------------------------------------------
 
+
 def test_unknown_name_lists_available_models():
-    with pytest.raises(ModelNotFoundError, match="tiny.*large-v3") as info:
+    with pytest.raises(ModelNotFoundError, match=r"tiny.*large-v3") as info:
         load_model("tiny-extra-large")
     assert "distil-large-v3" in str(info.value) and "turbo" in str(info.value)
 
@@ -157,7 +160,7 @@ def test_missing_path_and_empty_directory(tmp_path):
     with pytest.raises(ModelNotFoundError):
         load_model(tmp_path / "nope")
     (tmp_path / "README.md").write_text("no weights here")
-    with pytest.raises(ModelFormatError, match="no Whisper weights.*README.md"):
+    with pytest.raises(ModelFormatError, match=r"no Whisper weights.*README\.md"):
         load_model(tmp_path)
 
 
@@ -168,9 +171,16 @@ def _truncated_copy(src: Path, dst: Path, name: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("fmt, name", [("ct2", "model.bin"), ("mlx-npz", "weights.npz"),
-                                       ("mlx-safetensors", "weights.safetensors"), ("openai", "model.pt"),
-                                       ("hf", "model.safetensors")])
+@pytest.mark.parametrize(
+    "fmt, name",
+    [
+        ("ct2", "model.bin"),
+        ("mlx-npz", "weights.npz"),
+        ("mlx-safetensors", "weights.safetensors"),
+        ("openai", "model.pt"),
+        ("hf", "model.safetensors"),
+    ],
+)
 def test_truncated_weights(converted, tiny_en_dir, tmp_path, fmt, name):
     src = tiny_en_dir if fmt == "ct2" else converted[fmt]
     with pytest.raises(ModelFormatError, match="truncated"):
@@ -185,7 +195,7 @@ def test_malicious_pt_does_not_run(tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.pt", "w") as archive:
         archive.writestr("archive/data.pkl", data)
         archive.writestr("archive/version", "3\n")
-    with pytest.raises(ModelFormatError, match="posix.system"):
+    with pytest.raises(ModelFormatError, match=r"posix\.system"):
         load_model(tmp_path / "evil.pt")
     assert not marker.exists()
 
@@ -199,6 +209,7 @@ def test_weights_of_another_model_size_are_rejected(converted, tmp_path):
 
 
 # ---- hub names through a fake, offline Hugging Face cache ------------------------------------------
+
 
 def _add_to_hf_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
     """The real cache layout: blobs/<sha>, snapshots/<rev>/<file> -> ../../blobs/<sha>, refs/main."""
@@ -222,10 +233,16 @@ def hf_cache(converted, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("hf_cache")
     mlx_files = {n: converted["mlx"] / n for n in ("config.json", "weights.npz", "weights.safetensors")}
     _add_to_hf_cache(cache, "mlx-community/whisper-tiny.en-mlx", mlx_files)
-    _add_to_hf_cache(cache, "mlx-community/whisper-tiny.en-mlx-4bit",
-                     {n: converted["mlx-q4"] / n for n in ("config.json", "weights.npz")})
-    _add_to_hf_cache(cache, "mustafaaljadery/distil-whisper-mlx",
-                     {f"mlx_models/distil-small.en/{n}": p for n, p in mlx_files.items()})
+    _add_to_hf_cache(
+        cache,
+        "mlx-community/whisper-tiny.en-mlx-4bit",
+        {n: converted["mlx-q4"] / n for n in ("config.json", "weights.npz")},
+    )
+    _add_to_hf_cache(
+        cache,
+        "mustafaaljadery/distil-whisper-mlx",
+        {f"mlx_models/distil-small.en/{n}": p for n, p in mlx_files.items()},
+    )
     return cache
 
 
@@ -255,7 +272,7 @@ def test_repo_id_quant_and_subfolder_from_cache(offline_hub):
 
 
 def test_uncached_repo_offline_raises_model_not_found(offline_hub):
-    with pytest.raises(ModelNotFoundError, match="mlx-community/whisper-base-mlx.*HF_HUB_OFFLINE"):
+    with pytest.raises(ModelNotFoundError, match=r"mlx-community/whisper-base-mlx.*HF_HUB_OFFLINE"):
         load_model("base")
     with pytest.raises(ModelNotFoundError, match="someone/not-cached"):
         load_model("someone/not-cached")
@@ -263,15 +280,30 @@ def test_uncached_repo_offline_raises_model_not_found(offline_hub):
 
 def test_available_models_and_repo_names():
     names = hub.available_models()
-    for name in ("tiny", "base", "small", "medium", "large-v2", "large-v3", "turbo", "tiny.en", "medium.en",
-                 "distil-small.en", "distil-medium.en", "distil-large-v2", "distil-large-v3"):
+    for name in (
+        "tiny",
+        "base",
+        "small",
+        "medium",
+        "large-v2",
+        "large-v3",
+        "turbo",
+        "tiny.en",
+        "medium.en",
+        "distil-small.en",
+        "distil-medium.en",
+        "distil-large-v2",
+        "distil-large-v3",
+    ):
         assert name in names
     assert hub.repo_for("tiny") == ("mlx-community/whisper-tiny", None)
     assert hub.repo_for("tiny", "4bit") == ("mlx-community/whisper-tiny-mlx-4bit", None)
     assert hub.repo_for("large-v3", "8bit") == ("mlx-community/whisper-large-v3-mlx-8bit", None)
     assert hub.repo_for("turbo") == ("mlx-community/whisper-large-v3-turbo", None)
-    assert hub.repo_for("distil-large-v3", "4bit") == ("mustafaaljadery/distil-whisper-mlx",
-                                                        "mlx_models/distil-large-v3-4-bit")
+    assert hub.repo_for("distil-large-v3", "4bit") == (
+        "mustafaaljadery/distil-whisper-mlx",
+        "mlx_models/distil-large-v3-4-bit",
+    )
     with pytest.raises(ModelNotFoundError, match="convert"):
         hub.repo_for("turbo", "4bit")
     with pytest.raises(ValueError):
@@ -281,6 +313,7 @@ def test_available_models_and_repo_names():
 
 
 # ---- model cache ------------------------------------------------------------------------------------
+
 
 def test_get_cached_model_loads_once_across_threads(converted, monkeypatch):
     load_models.clear_model_cache()
@@ -312,6 +345,7 @@ def test_get_cached_model_loads_once_across_threads(converted, monkeypatch):
 
 
 # ---- converter --------------------------------------------------------------------------------------
+
 
 def test_convert_refuses_source_and_existing_weights(converted, tiny_en_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="source model directory"):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from fake_backends import CountingBackend
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.backends import select_backend
 from whisper_mlx.backends.mlx_backend import MLXBackend
@@ -20,7 +19,11 @@ from whisper_mlx.decoding import DecodingOptions, DecodingTask
 from whisper_mlx.errors import BackendError
 from whisper_mlx.whisper import ModelDimensions, Whisper
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy backend runs where MLX computes on the CPU")
+from fake_backends import CountingBackend
+
+pytestmark = pytest.mark.skipif(
+    mx.default_device() != mx.cpu, reason="the numpy backend runs where MLX computes on the CPU"
+)
 
 
 def host_decoder_for(model):
@@ -34,8 +37,18 @@ def host_encoder_for(model):
 @pytest.fixture(scope="module")
 def small_model():
     mx.random.seed(3)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51864, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2)
+    dims = ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=64,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=51864,
+        n_text_ctx=448,
+        n_text_state=64,
+        n_text_head=2,
+        n_text_layer=2,
+    )
     model = Whisper(dims)
     model.update(model.parameters())
     model.decoder.positional_embedding = mx.random.normal(model.decoder.positional_embedding.shape) * 0.1
@@ -95,7 +108,9 @@ def test_host_and_mlx_decoders_decode_alike(small_model):
     want = DecodingTask(model, options, backend=MLXBackend(model)).run(features, prompts)
     assert [r.tokens for r in got] == [r.tokens for r in want]
     lengths = [len(r.tokens) for r in got]
-    assert len(set(lengths)) > 2 and max(lengths) > min(lengths) + 3, f"rows should finish at different steps: {lengths}"
+    assert len(set(lengths)) > 2 and max(lengths) > min(lengths) + 3, (
+        f"rows should finish at different steps: {lengths}"
+    )
     for a, b in zip(got, want):
         assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-4)
         assert a.no_speech_prob == pytest.approx(b.no_speech_prob, abs=1e-5)
@@ -126,8 +141,9 @@ def test_sampled_decoding_on_both_backends_draws_alike(small_model):
     features = mx.random.normal((2, 1500, 64), key=mx.random.key(5))
     options = DecodingOptions(language="en", sample_len=12, temperature=0.7, best_of=2)
     mx.random.seed(21)
-    got = DecodingTask(small_model, options, backend=NumpyBackend(small_model)).run(np.array(features),
-                                                                                   [None, "some words"])
+    got = DecodingTask(small_model, options, backend=NumpyBackend(small_model)).run(
+        np.array(features), [None, "some words"]
+    )
     mx.random.seed(21)
     want = DecodingTask(small_model, options, backend=MLXBackend(small_model)).run(features, [None, "some words"])
     assert [r.tokens for r in got] == [r.tokens for r in want]
@@ -184,8 +200,10 @@ def test_auto_selection_and_models_the_numpy_backend_refuses(small_model, monkey
 def test_background_encoder_gives_the_encoders_bits(tiny_en, data_dir):
     encoder = host_encoder_for(tiny_en)
     audio = load_audio(str(data_dir / "jfk.flac"))
-    mels = {(0, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio))),
-            (100, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio[16000:])))}
+    mels = {
+        (0, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio))),
+        (100, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio[16000:]))),
+    }
     background = schedule.BackgroundEncoder(encoder, mels)
     for key, mel in mels.items():
         np.testing.assert_array_equal(background.result(key), encoder(mel[None])[0])
@@ -219,8 +237,9 @@ def test_blas_matmul_equals_numpy(rows):
     weight = rng.standard_normal((130, 96), dtype=np.float32)
     for b in (weight.T, np.ascontiguousarray(weight.T), weight.T[:, ::2]):  # a view, contiguous, strided
         np.testing.assert_allclose(host_blas.matmul(x, b), x.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(host_blas.matmul(x[:, :50], weight[:, :50].T), x[:, :50] @ weight[:, :50].T,
-                               rtol=1e-4, atol=1e-4)  # row strides longer than the rows
+    np.testing.assert_allclose(
+        host_blas.matmul(x[:, :50], weight[:, :50].T), x[:, :50] @ weight[:, :50].T, rtol=1e-4, atol=1e-4
+    )  # row strides longer than the rows
     with pytest.raises(ValueError):  # mismatched inner dimensions never reach the BLAS
         host_blas.matmul(x, weight)
     out = np.full((rows, 130), np.nan, np.float32)
@@ -259,7 +278,6 @@ def test_cpu_kernel_workers_hold_mkl_to_one_thread():
     seen = []
     schedule.run_blocks([lambda: seen.append(lib.MKL_Get_Max_Threads()) for _ in range(8)])
     assert seen == [1] * 8
-
 
 
 needs_packing = pytest.mark.skipif(not host_blas.PackedOperand.available(), reason="needs MKL's packed products")

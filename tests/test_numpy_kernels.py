@@ -11,19 +11,24 @@ import numpy as np
 import pytest
 
 from whisper_mlx import whisper
+from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.backends.mlx_backend import MLXBackend
 from whisper_mlx.backends.numpy_backend import NumpyBackend, schedule
 from whisper_mlx.backends.numpy_backend import blas as host_blas
 from whisper_mlx.backends.numpy_backend import kernels as cpu_kernels
-from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 
-needs_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the numpy backend runs where MLX computes on the CPU")
+needs_cpu = pytest.mark.skipif(
+    mx.default_device() != mx.cpu, reason="the numpy backend runs where MLX computes on the CPU"
+)
 
 
 def reference_attention(q, k, v, n_head):
     """float64 softmax(q kᵀ / √d) v on (B, L, n_head * d) arrays; k and v may be longer than q."""
     batch, length, width = q.shape
-    split = lambda x: x.reshape(batch, -1, n_head, width // n_head).transpose(0, 2, 1, 3).astype(np.float64)
+
+    def split(x):
+        return x.reshape(batch, -1, n_head, width // n_head).transpose(0, 2, 1, 3).astype(np.float64)
+
     q, k, v = split(q), split(k), split(v)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(width // n_head)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
@@ -170,7 +175,9 @@ def test_numpy_cross_attention_equals_mlx_sdpa(tiny_en, batch, length):
     plain = np.array(attention.cross(mx.array(x), attention.cross_kv(mx.array(audio))))
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
     # and against float64 softmax(q kᵀ / √d) v on the projections
-    q, k, v = (np.array(p(mx.array(t))) for p, t in ((attention.query, x), (attention.key, audio), (attention.value, audio)))
+    q, k, v = (
+        np.array(p(mx.array(t))) for p, t in ((attention.query, x), (attention.key, audio), (attention.value, audio))
+    )
     want = np.array(attention.out(mx.array(reference_attention(q, k, v, 6).astype(np.float32))))
     np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-4)
 
@@ -203,8 +210,9 @@ def test_step_attention_splits_rows_over_a_worker_exactly(batch, mask_rows, monk
     # each row exactly as alone (the split changes no bit), and softmax(q k + mask) v in float64
     for b in range(batch):
         row_mask = None if mask is None else mask[min(b, mask.shape[0] - 1)][None]
-        np.testing.assert_array_equal(got[b : b + 1], cpu_kernels.attend(q[b : b + 1], keys_t[b : b + 1],
-                                                                         values[b : b + 1], row_mask))
+        np.testing.assert_array_equal(
+            got[b : b + 1], cpu_kernels.attend(q[b : b + 1], keys_t[b : b + 1], values[b : b + 1], row_mask)
+        )
     scores = q.astype(np.float64) @ keys_t + (0 if mask is None else mask)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     want = weights / weights.sum(-1, keepdims=True) @ values
@@ -221,7 +229,9 @@ def causal_and_padding_mask(pad: list[int], length: int) -> np.ndarray:
     """(B, 1, L, L): causal, and real queries never see a row's left padding (as the decoder's prompt)."""
     positions = np.arange(length)
     mask = np.where(positions[None, :] > positions[:, None], -np.inf, 0.0)[None, None]
-    padded = (positions[None, None, :] < np.array(pad)[:, None, None]) & (positions[None, :, None] >= np.array(pad)[:, None, None])
+    padded = (positions[None, None, :] < np.array(pad)[:, None, None]) & (
+        positions[None, :, None] >= np.array(pad)[:, None, None]
+    )
     return (mask + np.where(padded, -np.inf, 0.0)[:, None]).astype(np.float32)
 
 
@@ -232,8 +242,9 @@ def test_masked_attention_equals_reference(threads, pad):
     mask = causal_and_padding_mask(pad, 300)
     got = cpu_kernels.masked_attention(q, k, v, mask)
     np.testing.assert_allclose(got, reference_masked_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cpu_kernels.masked_attention(q, k, v, None), reference_masked_attention(q, k, v, 0.0),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        cpu_kernels.masked_attention(q, k, v, None), reference_masked_attention(q, k, v, 0.0), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])

@@ -1,5 +1,6 @@
 """Word timestamps: numpy DTW / median filter against pure-Python references, then real tiny.en alignment."""
 
+import itertools
 import math
 from pathlib import Path
 
@@ -129,11 +130,11 @@ def _timings(words):
 
 
 def test_merge_punctuations():
-    alignment = _timings([" (", "Hello", ",", " world", "!", " \"", "Yes", "\"", " ."])
+    alignment = _timings([" (", "Hello", ",", " world", "!", ' "', "Yes", '"', " ."])
     merge_punctuations(alignment, timing.PREPEND_PUNCTUATIONS, timing.APPEND_PUNCTUATIONS)
-    assert [a.word for a in alignment] == ["", " (Hello,", "", " world!", "", "", " \"Yes\"", "", " ."]
+    assert [a.word for a in alignment] == ["", " (Hello,", "", " world!", "", "", ' "Yes"', "", " ."]
     assert alignment[1].tokens == [0, 1, 2] and alignment[6].tokens == [5, 6, 7]
-    assert "".join(a.word for a in alignment) == " (Hello, world! \"Yes\" ."
+    assert "".join(a.word for a in alignment) == ' (Hello, world! "Yes" .'
     assert sum(len(a.tokens) for a in alignment) == 9
 
 
@@ -200,8 +201,15 @@ def no_encoder(jfk):
 
 def _align(jfk, segments, **kwargs):
     model, tokenizer, features, num_frames = jfk
-    timing.add_word_timestamps(segments=segments, model=model, tokenizer=tokenizer, audio_features=features,
-                               num_frames=num_frames, last_speech_timestamp=0.0, **kwargs)
+    timing.add_word_timestamps(
+        segments=segments,
+        model=model,
+        tokenizer=tokenizer,
+        audio_features=features,
+        num_frames=num_frames,
+        last_speech_timestamp=0.0,
+        **kwargs,
+    )
     return segments
 
 
@@ -210,7 +218,7 @@ def _check_words(words, low, high, eps=1e-6):
         assert set(word) == {"word", "start", "end", "probability"}
         assert low <= word["start"] <= word["end"] <= high
         assert 0.0 <= word["probability"] <= 1.0
-    for before, after in zip(words, words[1:]):
+    for before, after in itertools.pairwise(words):
         assert before["end"] <= after["start"] + eps
 
 
@@ -254,7 +262,7 @@ def test_find_alignment_returns_word_timings(no_encoder):
     tokens = tokenizer.encode(" ask not what your country can do for you")
     alignment = timing.find_alignment(model, tokenizer, tokens, features, num_frames)
     assert [a.word for a in alignment] == [" ask", " not", " what", " your", " country", " can", " do", " for", " you"]
-    assert sum((a.tokens for a in alignment), []) == tokens
+    assert [t for a in alignment for t in a.tokens] == tokens
     assert all(0.0 <= a.start <= a.end <= num_frames / 100 for a in alignment)
     assert timing.find_alignment(model, tokenizer, [], features, num_frames) == []
 

@@ -2,19 +2,21 @@
 
 import re
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 import whisper_mlx
-from fake_backends import CountingBackend, attached, counting
 from whisper_mlx import transcribe
 from whisper_mlx.backends import backend_for
 from whisper_mlx.decoding import DecodingTask
 
+from fake_backends import CountingBackend, attached, counting
+
 JFK_TEXT = " And so my fellow Americans ask not what your country can do for you ask what you can do for your country"
 # tiny.en mishears "good soul" and "shouldered" (mlx-whisper and faster-whisper do too on these weights)
-LS_TEXT = " Then the goods sold openly, shorted the burden she had borne so long in secret and bravely trudged on alone."
+LS_TEXT = (
+    " Then the goods sold openly, shorted the burden she had borne so long in secret and bravely trudged on alone."
+)
 
 
 def words(text: str) -> list[str]:
@@ -101,8 +103,9 @@ def test_fallback_rebatches_failing_rows_only(tiny_en, data_dir):
     from whisper_mlx.decoding import DecodingOptions
     from whisper_mlx.transcribe import TaskCache, TranscribeOptions, decode_with_fallback
 
-    mels = np.stack([pad_or_trim(log_mel_spectrogram(str(data_dir / f)), 3000, axis=0)
-                     for f in ("jfk.flac", "ls_test.flac")])
+    mels = np.stack(
+        [pad_or_trim(log_mel_spectrogram(str(data_dir / f)), 3000, axis=0) for f in ("jfk.flac", "ls_test.flac")]
+    )
     features = backend_for(tiny_en).encode(mels)
     tasks = TaskCache(tiny_en, DecodingOptions(language="en"))
     greedy = tasks.get(0.0).run(features)
@@ -161,8 +164,11 @@ def test_later_lanes_start_primed_with_the_opening_window(tiny_en, data_dir, mon
     assert opening and batches[1] == [opening, opening]  # lane 2 starts with lane 1's previous text
     # lane 1's windows inside its lane (same audio span, same prompt) are the sequential loop's windows
     sequential = transcribe(audio, model=tiny_en, language="en")
-    windows = lambda r: [[(s["start"], s["end"], s["tokens"]) for s in r["segments"] if s["seek"] == seek]
-                         for seek in dict.fromkeys(s["seek"] for s in r["segments"])]  # fmt: skip
+
+    def windows(r):
+        return [[(s["start"], s["end"], s["tokens"]) for s in r["segments"] if s["seek"] == seek]
+                for seek in dict.fromkeys(s["seek"] for s in r["segments"])]  # fmt: skip
+
     assert windows(result)[:2] == windows(sequential)[:2]
 
     batches.clear()  # without conditioning on previous text there is nothing to prime with

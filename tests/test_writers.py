@@ -1,5 +1,6 @@
 """Output writers: write each format, then parse it back."""
 
+import itertools
 import json
 import os
 import re
@@ -20,19 +21,44 @@ def _word(text, start, end):
 def _segment(index, start, end, words):
     text = "".join(word["word"] for word in words)
     return {
-        "id": index, "seek": 0, "start": start, "end": end, "text": text, "tokens": [50364, 1000 + index],
-        "temperature": 0.0, "avg_logprob": -0.25, "compression_ratio": 1.3, "no_speech_prob": 0.01, "words": words,
+        "id": index,
+        "seek": 0,
+        "start": start,
+        "end": end,
+        "text": text,
+        "tokens": [50364, 1000 + index],
+        "temperature": 0.0,
+        "avg_logprob": -0.25,
+        "compression_ratio": 1.3,
+        "no_speech_prob": 0.01,
+        "words": words,
     }
 
 
 @pytest.fixture
 def result():
-    first = [_word(" And", 0.0, 0.4), _word(" so,", 0.4, 0.9), _word(" my", 1.2, 1.4), _word(" fellow", 1.4, 1.9),
-             _word(" Americans,", 1.9, 2.8)]
-    second = [_word(" ask", 3.5, 3.8), _word(" not", 3.8, 4.1), _word(" what", 4.1, 4.4), _word(" your", 4.4, 4.6),
-              _word(" country", 4.6, 5.0), _word(" can", 5.0, 5.2), _word(" do.", 5.2, 5.6)]
-    third = [_word(" Ça", 3700.0, 3700.5), _word(" va", 3700.5, 3701.0), _word(" très", 3701.0, 3701.4),
-             _word(" bien.", 3701.4, 3702.0)]
+    first = [
+        _word(" And", 0.0, 0.4),
+        _word(" so,", 0.4, 0.9),
+        _word(" my", 1.2, 1.4),
+        _word(" fellow", 1.4, 1.9),
+        _word(" Americans,", 1.9, 2.8),
+    ]
+    second = [
+        _word(" ask", 3.5, 3.8),
+        _word(" not", 3.8, 4.1),
+        _word(" what", 4.1, 4.4),
+        _word(" your", 4.4, 4.6),
+        _word(" country", 4.6, 5.0),
+        _word(" can", 5.0, 5.2),
+        _word(" do.", 5.2, 5.6),
+    ]
+    third = [
+        _word(" Ça", 3700.0, 3700.5),
+        _word(" va", 3700.5, 3701.0),
+        _word(" très", 3701.0, 3701.4),
+        _word(" bien.", 3701.4, 3702.0),
+    ]
     segments = [_segment(0, 0.0, 2.8, first), _segment(1, 3.5, 5.6, second), _segment(2, 3700.0, 3702.0, third)]
     return {"text": "".join(s["text"] for s in segments), "language": "en", "segments": segments}
 
@@ -65,7 +91,7 @@ def _parse_srt(text):
 def _parse_vtt(text):
     assert text.startswith("WEBVTT\n\n")
     cues = []
-    for block in text[len("WEBVTT\n\n"):].strip("\n").split("\n\n"):
+    for block in text[len("WEBVTT\n\n") :].strip("\n").split("\n\n"):
         lines = block.split("\n")
         match = re.fullmatch(f"{VTT_TIME} --> {VTT_TIME}", lines[0])
         assert match, lines[0]
@@ -98,9 +124,12 @@ def test_format_timestamp_rejects_negative_times():
 def test_srt_indices_and_times_increase(tmp_path, result, use_words):
     cues = _parse_srt(_write(tmp_path, "srt", result if use_words else _without_words(result)))
     assert [cue[0] for cue in cues] == list(range(1, len(cues) + 1))
-    assert [cue[3] for cue in cues] == ["And so, my fellow Americans,", "ask not what your country can do.",
-                                        "Ça va très bien."]
-    for previous, cue in zip(cues, cues[1:]):
+    assert [cue[3] for cue in cues] == [
+        "And so, my fellow Americans,",
+        "ask not what your country can do.",
+        "Ça va très bien.",
+    ]
+    for previous, cue in itertools.pairwise(cues):
         assert previous[2] <= cue[1]
     assert all(start < end for _, start, end, _ in cues)
     assert cues[-1][1] == pytest.approx(3700.0)
@@ -139,8 +168,11 @@ def test_json_round_trips_and_keeps_unicode(tmp_path, result):
 
 def test_txt_has_one_stripped_segment_per_line(tmp_path, result):
     text = _write(tmp_path, "txt", result)
-    assert text.splitlines() == ["And so, my fellow Americans,", "ask not what your country can do.",
-                                 "Ça va très bien."]
+    assert text.splitlines() == [
+        "And so, my fellow Americans,",
+        "ask not what your country can do.",
+        "Ça va très bien.",
+    ]
 
 
 def test_max_line_width_wraps_lines_and_limits_line_count(tmp_path, result):
@@ -151,8 +183,12 @@ def test_max_line_width_wraps_lines_and_limits_line_count(tmp_path, result):
     assert all(cue[3].count("\n") <= 1 for cue in cues)
     assert " ".join(lines).split() == result["text"].split()  # no word lost or repeated
     # segments are not kept together, but a pause of more than 3 s starts a new subtitle
-    assert [cue[3] for cue in cues] == ["And so, my\nfellow", "Americans, ask\nnot what your", "country can do.",
-                                        "Ça va très bien."]
+    assert [cue[3] for cue in cues] == [
+        "And so, my\nfellow",
+        "Americans, ask\nnot what your",
+        "country can do.",
+        "Ça va très bien.",
+    ]
 
 
 def test_max_line_width_alone_keeps_segments_as_subtitles(tmp_path, result):

@@ -12,9 +12,19 @@ from .load_models import load_model  # noqa: E402
 from .transcribe import transcribe  # noqa: E402
 
 __all__ = [
-    "LightningWhisperMLX", "transcribe", "load_model", "decode", "detect_language", "DecodingOptions",
-    "DecodingResult", "load_audio", "log_mel_spectrogram", "pad_or_trim", "available_models",
-    "backend_info", "__version__",
+    "DecodingOptions",
+    "DecodingResult",
+    "LightningWhisperMLX",
+    "__version__",
+    "available_models",
+    "backend_info",
+    "decode",
+    "detect_language",
+    "load_audio",
+    "load_model",
+    "log_mel_spectrogram",
+    "pad_or_trim",
+    "transcribe",
 ]
 
 

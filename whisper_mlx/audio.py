@@ -8,13 +8,17 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from .errors import AudioError, AudioTruncatedWarning
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -26,7 +30,7 @@ N_SAMPLES_PER_TOKEN = HOP_LENGTH * 2  # the encoder's second conv has stride 2
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 TOKENS_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_TOKEN  # 50 audio tokens per second (20 ms each)
 
-AudioInput = Union[str, os.PathLike, np.ndarray, "mx.array"]  # noqa: F821
+AudioInput = Union[str, os.PathLike, np.ndarray, "mx.array"]
 
 
 def _decode_with_pyav(path: str, sr: int, chunk_samples: int) -> Iterator[np.ndarray]:
@@ -87,9 +91,13 @@ def _warn_if_truncated(path: str, declared_us: int | None, decoded_seconds: floa
         return
     declared = declared_us / 1_000_000
     if decoded_seconds < 0.9 * declared and declared - decoded_seconds > 1.0:
-        warnings.warn(AudioTruncatedWarning(
-            f"{path}: decoded only {decoded_seconds:.1f} s of the {declared:.1f} s the file declares; "
-            "it is probably truncated (transcribing what could be decoded)"), stacklevel=3)
+        warnings.warn(
+            AudioTruncatedWarning(
+                f"{path}: decoded only {decoded_seconds:.1f} s of the {declared:.1f} s the file declares; "
+                "it is probably truncated (transcribing what could be decoded)"
+            ),
+            stacklevel=3,
+        )
 
 
 class _PyAVCannotOpen(Exception):
@@ -101,8 +109,26 @@ def _decode_with_ffmpeg_cli(path: str, sr: int) -> np.ndarray:
     if ffmpeg is None:
         raise FileNotFoundError("ffmpeg")
     # -hide_banner -loglevel error: stderr holds only the errors, not the version and library lines
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", path,
-           "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(sr), "-"]
+    cmd = [
+        ffmpeg,
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-threads",
+        "0",
+        "-i",
+        path,
+        "-f",
+        "s16le",
+        "-ac",
+        "1",
+        "-acodec",
+        "pcm_s16le",
+        "-ar",
+        str(sr),
+        "-",
+    ]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         raise AudioError(f"{path}: not a readable audio file ({_ffmpeg_cli_reason(proc.stderr, path)})")
@@ -207,7 +233,7 @@ def pad_or_trim(array, length: int = N_SAMPLES, *, axis: int = -1):
     return array
 
 
-@lru_cache(maxsize=None)
+@cache
 def mel_filters(n_mels: int) -> np.ndarray:
     """The (n_mels, N_FFT // 2 + 1) mel filterbank openai ships (librosa's, precomputed)."""
     if n_mels not in (80, 128):
@@ -279,7 +305,7 @@ class _FileFrameStore:
     """Frames appended to an anonymous temporary file, so a long input's mel is not held in memory."""
 
     def __init__(self, n_mels: int, capacity: int = 0):
-        self.file = tempfile.TemporaryFile(prefix="whisper_mlx-mel-")
+        self.file = tempfile.TemporaryFile(prefix="whisper_mlx-mel-")  # noqa: SIM115 - lives as long as the object
         self.n_mels = n_mels
         self.size = 0
 
@@ -338,7 +364,8 @@ class LogMelStream:
 
     def __init__(self, n_mels: int, expected_samples: int = 0, store=None):
         self.n_mels = n_mels
-        self.frames = store or _FrameStore(n_mels, expected_samples // HOP_LENGTH + 1)
+        # a _FrameStore, or the store given (a _FileFrameStore: append only, no .data)
+        self.frames: Any = store or _FrameStore(n_mels, expected_samples // HOP_LENGTH + 1)
         self.pending = np.zeros(0, np.float32)  # padded samples from the next frame's start on
         self.tail = np.zeros(0, np.float32)  # the last _EDGE + 1 audio samples, for the end padding
         self.n_samples = 0
@@ -400,7 +427,7 @@ def _expected_samples(path: str, sr: int) -> int:
 
         with av.open(path) as container:
             duration = container.duration  # in av.time_base units (microseconds)
-    except Exception:  # noqa: BLE001 - an estimate only; decoding reports real errors
+    except Exception:  # an estimate only; decoding reports real errors
         return 0
     if not duration or duration < 0:
         return 0

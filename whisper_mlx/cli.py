@@ -12,7 +12,8 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -23,21 +24,38 @@ PROG = "whisper_mlx"
 STDIN = "-"
 STDIN_OUTPUT_NAME = "stdin"
 # Options that only matter when the user sets them; None leaves the library default in charge.
-_DROP_WHEN_NONE = ("language", "best_of", "fp16", "suppress_tokens", "initial_prompt",
-                   "prepend_punctuations", "append_punctuations", "hallucination_silence_threshold")
-_NOT_TRANSCRIBE_OPTIONS = ("audio", "model", "output_dir", "output_name", "output_format", "quiet",
-                           "temperature_increment_on_fallback", *SUBTITLE_OPTIONS)
+_DROP_WHEN_NONE = (
+    "language",
+    "best_of",
+    "fp16",
+    "suppress_tokens",
+    "initial_prompt",
+    "prepend_punctuations",
+    "append_punctuations",
+    "hallucination_silence_threshold",
+)
+_NOT_TRANSCRIBE_OPTIONS = (
+    "audio",
+    "model",
+    "output_dir",
+    "output_name",
+    "output_format",
+    "quiet",
+    "temperature_increment_on_fallback",
+    *SUBTITLE_OPTIONS,
+)
 
 
 # ---- thin seams over the library, looked up at call time so tests can replace them ----
 
-def default_model_path() -> str:
+
+def default_model_path() -> Path:
     from .load_models import default_model_path as library_default_model_path
 
     return library_default_model_path()
 
 
-def load_model(path_or_name: str, fp16: Optional[bool] = None, backend: Optional[str] = None):
+def load_model(path_or_name: str | Path, fp16: bool | None = None, backend: str | None = None):
     """Load the model once; `fp16=None` keeps the loader's default dtype, `backend=None` the default
     choice (WHISPER_MLX_BACKEND or auto)."""
     from .load_models import load_model as library_load_model
@@ -66,6 +84,7 @@ def transcribe(audio: str, **options) -> dict:
 
 # ---- argument types ----
 
+
 def str2bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("true", "1", "yes", "y", "on"):
@@ -75,11 +94,11 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def optional_float(text: str) -> Optional[float]:
+def optional_float(text: str) -> float | None:
     return None if text.strip().lower() == "none" else float(text)
 
 
-def optional_int(text: str) -> Optional[int]:
+def optional_int(text: str) -> int | None:
     return None if text.strip().lower() == "none" else int(text)
 
 
@@ -99,53 +118,102 @@ def non_negative_float(text: str) -> float:
 
 # ---- parser, one helper per group of flags ----
 
+
 def _add_input_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("audio", nargs="+", help="audio file(s) to transcribe; '-' reads audio bytes from stdin")
-    parser.add_argument("--model", default=None,
-                        help="model name, Hugging Face repo id or local path (default: the installed offline model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model name, Hugging Face repo id or local path (default: the installed offline model)",
+    )
     parser.add_argument("--output-dir", "-o", default=".", help="directory for the outputs")
     parser.add_argument("--output-name", default=None, help="output base name (only with a single input)")
-    parser.add_argument("--output-format", "-f", default="txt", choices=[*OUTPUT_FORMATS, "all"],
-                        help="format of the output file(s)")
-    parser.add_argument("--verbose", type=str2bool, default=True,
-                        help="True prints segments as they are decoded; False shows a progress bar")
+    parser.add_argument(
+        "--output-format", "-f", default="txt", choices=[*OUTPUT_FORMATS, "all"], help="format of the output file(s)"
+    )
+    parser.add_argument(
+        "--verbose",
+        type=str2bool,
+        default=True,
+        help="True prints segments as they are decoded; False shows a progress bar",
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
 def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
-                       help="transcribe in the spoken language, or translate to English")
+    group.add_argument(
+        "--task",
+        default="transcribe",
+        choices=["transcribe", "translate"],
+        help="transcribe in the spoken language, or translate to English",
+    )
     group.add_argument("--language", default=None, help="spoken language (code or name); default: detect it")
-    group.add_argument("--batch-size", type=positive_int, default=1,
-                       help="30-second windows decoded together; 1 is sequential")
-    group.add_argument("--best-of", type=optional_int, default=5,
-                       help="candidates sampled when the temperature is not zero")
-    group.add_argument("--suppress-tokens", default="-1",
-                       help="comma-separated token ids to suppress; -1 suppresses most special characters")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=1, help="30-second windows decoded together; 1 is sequential"
+    )
+    group.add_argument(
+        "--best-of", type=optional_int, default=5, help="candidates sampled when the temperature is not zero"
+    )
+    group.add_argument(
+        "--suppress-tokens",
+        default="-1",
+        help="comma-separated token ids to suppress; -1 suppresses most special characters",
+    )
     group.add_argument("--initial-prompt", default=None, help="text used as the prompt of the first window")
-    group.add_argument("--carry-initial-prompt", type=str2bool, default=False,
-                       help="prepend the initial prompt to every window's prompt")
-    group.add_argument("--condition-on-previous-text", type=str2bool, default=True,
-                       help="prompt each window with the previous window's text")
-    group.add_argument("--backend", default=None, choices=["auto", "mlx", "numpy"],
-                       help="what computes: mlx (Metal, CUDA or CPU) or numpy (CPU, float32); default: "
-                            "$WHISPER_MLX_BACKEND or auto")
-    group.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
-                       help="compute in float16 (--no-fp16: float32); default: the library's choice")
+    group.add_argument(
+        "--carry-initial-prompt",
+        type=str2bool,
+        default=False,
+        help="prepend the initial prompt to every window's prompt",
+    )
+    group.add_argument(
+        "--condition-on-previous-text",
+        type=str2bool,
+        default=True,
+        help="prompt each window with the previous window's text",
+    )
+    group.add_argument(
+        "--backend",
+        default=None,
+        choices=["auto", "mlx", "numpy"],
+        help="what computes: mlx (Metal, CUDA or CPU) or numpy (CPU, float32); default: $WHISPER_MLX_BACKEND or auto",
+    )
+    group.add_argument(
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compute in float16 (--no-fp16: float32); default: the library's choice",
+    )
 
 
 def _add_fallback_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("temperature fallback")
     group.add_argument("--temperature", type=non_negative_float, default=0.0, help="first sampling temperature")
-    group.add_argument("--temperature-increment-on-fallback", type=optional_float, default=0.2,
-                       help="step up to 1.0 when a window fails the thresholds below; 0 or None: no fallback")
-    group.add_argument("--compression-ratio-threshold", type=optional_float, default=2.4,
-                       help="fall back when the gzip compression ratio exceeds this")
-    group.add_argument("--logprob-threshold", type=optional_float, default=-1.0,
-                       help="fall back when the average log probability is below this")
-    group.add_argument("--no-speech-threshold", type=optional_float, default=0.6,
-                       help="treat a window as silence above this no-speech probability (with the logprob test)")
+    group.add_argument(
+        "--temperature-increment-on-fallback",
+        type=optional_float,
+        default=0.2,
+        help="step up to 1.0 when a window fails the thresholds below; 0 or None: no fallback",
+    )
+    group.add_argument(
+        "--compression-ratio-threshold",
+        type=optional_float,
+        default=2.4,
+        help="fall back when the gzip compression ratio exceeds this",
+    )
+    group.add_argument(
+        "--logprob-threshold",
+        type=optional_float,
+        default=-1.0,
+        help="fall back when the average log probability is below this",
+    )
+    group.add_argument(
+        "--no-speech-threshold",
+        type=optional_float,
+        default=0.6,
+        help="treat a window as silence above this no-speech probability (with the logprob test)",
+    )
 
 
 def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,10 +221,15 @@ def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--word-timestamps", type=str2bool, default=False, help="extract word-level timestamps")
     group.add_argument("--prepend-punctuations", default=None, help="punctuation merged into the next word")
     group.add_argument("--append-punctuations", default=None, help="punctuation merged into the previous word")
-    group.add_argument("--clip-timestamps", default="0",
-                       help="comma-separated start,end,start,end,... seconds of the clips to process")
-    group.add_argument("--hallucination-silence-threshold", type=optional_float, default=None,
-                       help="with word timestamps, skip silences longer than this (seconds) around hallucinations")
+    group.add_argument(
+        "--clip-timestamps", default="0", help="comma-separated start,end,start,end,... seconds of the clips to process"
+    )
+    group.add_argument(
+        "--hallucination-silence-threshold",
+        type=optional_float,
+        default=None,
+        help="with word timestamps, skip silences longer than this (seconds) around hallucinations",
+    )
 
 
 def _add_subtitle_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +242,8 @@ def _add_subtitle_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Transcribe or translate speech with Whisper on MLX.",
+        prog=PROG,
+        description="Transcribe or translate speech with Whisper on MLX.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_input_output_arguments(parser)
@@ -182,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- turning arguments into library options ----
 
-def normalize_language(language: Optional[str]) -> Optional[str]:
+
+def normalize_language(language: str | None) -> str | None:
     """Map a language name or code to its code; raise ValueError for an unknown one."""
     if language is None or language.lower() in ("none", "auto"):
         return None
@@ -198,7 +273,7 @@ def normalize_language(language: Optional[str]) -> Optional[str]:
     raise ValueError(f"unknown language {language!r}")
 
 
-def build_temperatures(temperature: float, increment: Optional[float]):
+def build_temperatures(temperature: float, increment: float | None):
     """openai-whisper's fallback schedule: `temperature, temperature + increment, ... <= 1.0`.
 
     A missing or zero increment means a single temperature and no fallback.
@@ -231,7 +306,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(str(exc))
 
 
-def choose_verbose(verbose: bool, quiet: bool, stderr_is_tty: bool) -> Optional[bool]:
+def choose_verbose(verbose: bool, quiet: bool, stderr_is_tty: bool) -> bool | None:
     """True prints segments; False shows a progress bar (only on a terminal); None prints nothing."""
     if quiet:
         return None
@@ -257,7 +332,8 @@ def writer_options(args: argparse.Namespace) -> dict:
 
 # ---- running ----
 
-def assign_output_names(inputs: Sequence[str], output_name: Optional[str] = None) -> list:
+
+def assign_output_names(inputs: Sequence[str], output_name: str | None = None) -> list:
     """One distinct output base name per input: its stem, with `-2`, `-3`, ... added on a clash.
 
     Names are compared case-insensitively (macOS file systems are), and an added suffix never takes
@@ -310,11 +386,11 @@ def existing_inputs(inputs: Sequence[str]) -> list:
     return usable
 
 
-def _message_without_path(exc: BaseException, path: str) -> str:
+def _message_without_path(exc: BaseException | str, path: str) -> str:
     """The exception text without a leading `<path>: `, which report_error already shows."""
     message = str(exc) or type(exc).__name__
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def transcribe_reporting_warnings(audio_file: str, label: str, model, options: dict) -> dict:
@@ -333,10 +409,7 @@ def transcribe_one(audio: str, name: str, model, args: argparse.Namespace, optio
     targets = output_paths(args.output_format, args.output_dir, name)
     for target in targets:
         ensure_not_overwriting(target, protected)
-    if audio == STDIN:
-        audio_file = read_stdin_to_file(sys.stdin.buffer.read())
-    else:
-        audio_file = audio
+    audio_file = read_stdin_to_file(sys.stdin.buffer.read()) if audio == STDIN else audio
     try:
         result = transcribe_reporting_warnings(audio_file, "<stdin>" if audio == STDIN else audio, model, options)
     finally:
@@ -372,7 +445,7 @@ def run_all(args: argparse.Namespace, inputs: Sequence[str], model) -> int:
     return 1 if failed else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 1 if any input or the model failed, 2 for usage errors."""
     parser = build_parser()
     try:
@@ -404,6 +477,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"{PROG}: {backend_summary(model)}", file=sys.stderr)
     status = run_all(args, inputs, model)
     return 1 if len(inputs) < len(args.audio) else status
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -33,10 +34,18 @@ _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 def cast_checkpoint(checkpoint: Checkpoint, dtype: str) -> Checkpoint:
     """Floating weights (and quantization scales/biases) cast to dtype; packed integer weights kept."""
     np_dtype = _NUMPY_DTYPES[dtype]
-    weights = {k: v.astype(np_dtype) if np.issubdtype(v.dtype, np.floating) else np.asarray(v)
-               for k, v in checkpoint.weights.items()}
-    return Checkpoint(checkpoint.dims, weights, checkpoint.alignment_heads, checkpoint.quantization,
-                      checkpoint.source_format, dict(checkpoint.extras))
+    weights = {
+        k: v.astype(np_dtype) if np.issubdtype(v.dtype, np.floating) else np.asarray(v)
+        for k, v in checkpoint.weights.items()
+    }
+    return Checkpoint(
+        checkpoint.dims,
+        weights,
+        checkpoint.alignment_heads,
+        checkpoint.quantization,
+        checkpoint.source_format,
+        dict(checkpoint.extras),
+    )
 
 
 def quantize_checkpoint(checkpoint: Checkpoint, bits: int = 4, group_size: int = 64, dtype: str = "float16"):
@@ -48,11 +57,23 @@ def quantize_checkpoint(checkpoint: Checkpoint, bits: int = 4, group_size: int =
     if bits not in (2, 3, 4, 5, 6, 8) or group_size not in (32, 64, 128):
         raise ValueError(f"unsupported quantization: {bits} bits, group size {group_size}")
     model = build_model(dequantize_checkpoint(checkpoint), getattr(mx, dtype))
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda _, m: (
-        isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group_size == 0))
-    weights = {name: np.array(value) for name, value in tree_flatten(model.parameters())}
-    return Checkpoint(checkpoint.dims, weights, checkpoint.alignment_heads,
-                      {"group_size": group_size, "bits": bits}, checkpoint.source_format, dict(checkpoint.extras))
+    nn.quantize(
+        model,
+        group_size=group_size,
+        bits=bits,
+        class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group_size == 0,
+    )
+    weights = {
+        name: np.array(value) for name, value in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    }
+    return Checkpoint(
+        checkpoint.dims,
+        weights,
+        checkpoint.alignment_heads,
+        {"group_size": group_size, "bits": bits},
+        checkpoint.source_format,
+        dict(checkpoint.extras),
+    )
 
 
 def _check_destination(src: Path, out_dir: Path, to: str, force: bool) -> None:
@@ -62,12 +83,19 @@ def _check_destination(src: Path, out_dir: Path, to: str, force: bool) -> None:
         raise ValueError(f"refusing to write into the source model directory {src_dir}; pick another OUT_DIR")
     existing = [name for name in TARGETS[to] if (out_dir / name).exists()]
     if existing and not force:
-        raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass force=True (--force) "
-                              "to overwrite")
+        raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass force=True (--force) to overwrite")
 
 
-def convert(src, out_dir, dtype: str = "float16", quantize: bool = False, q_bits: int = 4,
-            q_group_size: int = 64, force: bool = False, to: str = "mlx") -> Path:
+def convert(
+    src,
+    out_dir,
+    dtype: str = "float16",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    force: bool = False,
+    to: str = "mlx",
+) -> Path:
     """Convert SRC (path, Hub repo id or short name) into OUT_DIR; returns OUT_DIR."""
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"dtype must be float16 or float32, not {dtype!r}")
@@ -98,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m whisper_mlx.convert",
         description="Convert a Whisper checkpoint (CTranslate2, mlx, OpenAI .pt, transformers, Hub id or "
-                    "short name) to the mlx-community layout.",
+        "short name) to the mlx-community layout.",
     )
     parser.add_argument("src", help="model directory, .pt file, Hugging Face repo id or short name (e.g. tiny)")
     parser.add_argument("out_dir", help="directory to write config.json + weights.npz + weights.safetensors into")
@@ -114,8 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = convert(args.src, args.out_dir, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
-                      q_group_size=args.q_group_size, force=args.force, to=args.to)
+        out = convert(
+            args.src,
+            args.out_dir,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            force=args.force,
+            to=args.to,
+        )
     except (WhisperMLXError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,8 +9,9 @@ openai's decoder is: a token sampler, logit filters, a ranker for best_of.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -106,7 +107,7 @@ class SuppressTokens:
         first = always.copy()
         if blank is not None:
             first[list(blank)] = NEG_INF
-        self.masks = {np: (first, always), mx: (mx.array(first), mx.array(always))}
+        self.masks: dict[Any, tuple[Any, Any]] = {np: (first, always), mx: (mx.array(first), mx.array(always))}
 
     def apply(self, logits: mx.array, n_sampled: int) -> mx.array:
         first, always = self.masks[array_module(logits)]
@@ -150,9 +151,16 @@ class ApplyTimestampRules:
         if max_initial_timestamp_index is not None:
             first = np.where(vocab > self.ts_begin + max_initial_timestamp_index, NEG_INF, first).astype(np.float32)
         special = vocab[self.eot + 1 : self.ts_begin] == self.no_timestamps
-        masks = _VocabMasks(vocab, vocab >= self.ts_begin, vocab < self.eot, is_text_or_eot, first,
-                            np.where(special, NEG_INF, 0.0).astype(np.float32), first[self.ts_begin :],
-                            vocab[self.ts_begin :])
+        masks = _VocabMasks(
+            vocab,
+            vocab >= self.ts_begin,
+            vocab < self.eot,
+            is_text_or_eot,
+            first,
+            np.where(special, NEG_INF, 0.0).astype(np.float32),
+            first[self.ts_begin :],
+            vocab[self.ts_begin :],
+        )
         self.masks = {np: masks, mx: masks.to_mlx()}
 
     def apply(self, logits, history: TimestampHistory, n_sampled: int):
@@ -177,7 +185,7 @@ class ApplyTimestampRules:
         mask = mask | (below & (history.last_timestamp >= 0)[:, None])
         return mask | (masks.vocab == self.no_timestamps)
 
-    def greedy(self, logits: mx.array, history: "TimestampHistory", n_sampled: int) -> tuple[mx.array, mx.array]:
+    def greedy(self, logits: mx.array, history: TimestampHistory, n_sampled: int) -> tuple[mx.array, mx.array]:
         """Greedy token and its log probability under the rules, without building the masked logits.
 
         Same result as argmax/log_softmax of apply(), but the 50k-wide text part is only reduced
@@ -191,8 +199,12 @@ class ApplyTimestampRules:
         special = special + special_bias  # <|notimestamps|> is never sampled
         stamps = stamps + self._timestamp_bias(history, n_sampled, first_stamps, ts_vocab)
         text_ok, eot_ok = self._text_allowed(history, n_sampled)
-        regions = [_Region.of(text, 0), _Region.of(logits[:, eot : eot + 1], eot),
-                   _Region.of(special, eot + 1), _Region.of(stamps, ts_begin)]
+        regions = [
+            _Region.of(text, 0),
+            _Region.of(logits[:, eot : eot + 1], eot),
+            _Region.of(special, eot + 1),
+            _Region.of(stamps, ts_begin),
+        ]
         allowed = [text_ok, eot_ok, eot_ok]
         best_text = xp.max(xp.stack([xp.where(ok, r.max, NEG_INF) for ok, r in zip(allowed, regions)]), axis=0)
         force = regions[3].lse > best_text  # timestamp mass beats every text token
@@ -207,7 +219,7 @@ class ApplyTimestampRules:
         logprob = xp.max(maxima, axis=-1) - logsumexp(lses, axis=-1)
         return tokens.astype(xp.int32), logprob.astype(logits.dtype)
 
-    def _timestamp_bias(self, history: "TimestampHistory", n_sampled: int, first_stamps, ts_vocab):
+    def _timestamp_bias(self, history: TimestampHistory, n_sampled: int, first_stamps, ts_vocab):
         """Additive (B, n_timestamps) mask of the timestamp tokens the rules forbid."""
         if n_sampled == 0:
             return first_stamps[None, :]
@@ -219,7 +231,7 @@ class ApplyTimestampRules:
         banned = below | (last_ts & penultimate_ts)[:, None]
         return xp.where(banned, NEG_INF, 0.0).astype(first_stamps.dtype)
 
-    def _text_allowed(self, history: "TimestampHistory", n_sampled: int):
+    def _text_allowed(self, history: TimestampHistory, n_sampled: int):
         """Per row: may text proper be sampled, and may EOT (and the other specials)?"""
         xp, batch = array_module(history.last), history.last.shape[0]
         if n_sampled == 0:
@@ -250,7 +262,7 @@ class _Region:
     lse: mx.array
 
     @classmethod
-    def of(cls, logits: mx.array, first_token: int) -> "_Region":
+    def of(cls, logits: mx.array, first_token: int) -> _Region:
         xp = array_module(logits)
         top = xp.max(logits, axis=-1)
         safe_top = xp.where(top == NEG_INF, 0.0, top).astype(logits.dtype)  # all-masked stays -inf, not NaN
@@ -259,7 +271,7 @@ class _Region:
         return cls(top, xp.argmax(logits, axis=-1).astype(xp.int32) + first_token, lse)
 
     @classmethod
-    def constant(cls, value: mx.array, token: int) -> "_Region":
+    def constant(cls, value: mx.array, token: int) -> _Region:
         xp = array_module(value)
         return cls(value, xp.full(value.shape, token, xp.int32), value)
 
@@ -273,15 +285,15 @@ class TimestampHistory:
     last_timestamp: mx.array  # (B,) last sampled timestamp token (or -1)
 
     @classmethod
-    def empty(cls, batch: int, xp=mx) -> "TimestampHistory":
+    def empty(cls, batch: int, xp=mx) -> TimestampHistory:
         none = xp.full((batch,), -1, xp.int32)
         return cls(none, none, none)
 
-    def push(self, tokens: mx.array, ts_begin: int) -> "TimestampHistory":
+    def push(self, tokens: mx.array, ts_begin: int) -> TimestampHistory:
         last_timestamp = array_module(tokens).where(tokens >= ts_begin, tokens, self.last_timestamp)
         return TimestampHistory(tokens, self.last, last_timestamp)
 
-    def take(self, rows: mx.array) -> "TimestampHistory":
+    def take(self, rows: mx.array) -> TimestampHistory:
         return TimestampHistory(self.last[rows], self.penultimate[rows], self.last_timestamp[rows])
 
 
@@ -300,10 +312,7 @@ def select_tokens(logits, temperature: float):
 
 def rank_candidates(sum_logprobs: np.ndarray, lengths: np.ndarray, length_penalty: float | None) -> int:
     """Index of the best candidate by length-normalised log probability (openai's ranker)."""
-    if length_penalty is None:
-        penalty = lengths.astype(np.float64)
-    else:
-        penalty = ((5 + lengths) / 6) ** length_penalty
+    penalty = lengths.astype(np.float64) if length_penalty is None else ((5 + lengths) / 6) ** length_penalty
     return int(np.argmax(sum_logprobs / np.maximum(penalty, 1e-9)))
 
 
@@ -321,9 +330,14 @@ class _Rows:
     history: TimestampHistory
 
     @classmethod
-    def start(cls, batch: int, xp) -> "_Rows":
-        return cls(np.arange(batch), [], xp.zeros((batch,), xp.float32), xp.zeros((batch,), xp.bool_),
-                   TimestampHistory.empty(batch, xp))
+    def start(cls, batch: int, xp) -> _Rows:
+        return cls(
+            np.arange(batch),
+            [],
+            xp.zeros((batch,), xp.float32),
+            xp.zeros((batch,), xp.bool_),
+            TimestampHistory.empty(batch, xp),
+        )
 
 
 class DecodingTask:
@@ -338,14 +352,17 @@ class DecodingTask:
         self.options = options
         self.backend = backend or backend_for(model)
         self.tokenizer = get_tokenizer(
-            model.is_multilingual, num_languages=model.num_languages,
-            language=options.language or "en", task=options.task,
+            model.is_multilingual,
+            num_languages=model.num_languages,
+            language=options.language or "en",
+            task=options.task,
         )
         self.n_ctx = model.dims.n_text_ctx
         self.sample_len = options.sample_len or self.n_ctx // 2
         self.prefix = self._encode_text(options.prefix)
-        self.suppressor = SuppressTokens(model.dims.n_vocab, self._suppressed_tokens(),
-                                         self._blank_tokens() if options.suppress_blank else None)
+        self.suppressor = SuppressTokens(
+            model.dims.n_vocab, self._suppressed_tokens(), self._blank_tokens() if options.suppress_blank else None
+        )
         self.timestamp_rules = None
         if not options.without_timestamps:
             precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp token
@@ -380,8 +397,10 @@ class DecodingTask:
         tok = self.tokenizer
         sequence = [tok.sot]
         if self.model.is_multilingual:
-            sequence += [tok.to_language_token(language or self.options.language or "en"),
-                         tok.translate if self.options.task == "translate" else tok.transcribe]
+            sequence += [
+                tok.to_language_token(language or self.options.language or "en"),
+                tok.translate if self.options.task == "translate" else tok.transcribe,
+            ]
         if self.options.without_timestamps:
             sequence.append(tok.no_timestamps)
         return sequence
@@ -417,8 +436,11 @@ class DecodingTask:
             group = range(b * n_candidates, (b + 1) * n_candidates)
             lengths = np.array([len(tokens[i]) for i in group])
             best = group[rank_candidates(sum_logprobs[list(group)], lengths, self.options.length_penalty)]
-            results.append(self._result(audio_features[b], languages[b], tokens[best],
-                                        sum_logprobs[best], no_speech[best], temperature))
+            results.append(
+                self._result(
+                    audio_features[b], languages[b], tokens[best], sum_logprobs[best], no_speech[best], temperature
+                )
+            )
         return results
 
     def _result(self, features, language, tokens, sum_logprob, no_speech, temperature) -> DecodingResult:
@@ -573,8 +595,9 @@ def _pad_frames(mel: mx.array) -> mx.array:
     return pad_or_trim(mel, N_FRAMES, axis=1)
 
 
-def decode_features(model: Whisper, audio_features, options: DecodingOptions,
-                    prompts: Sequence | None = None) -> list[DecodingResult]:
+def decode_features(
+    model: Whisper, audio_features, options: DecodingOptions, prompts: Sequence | None = None
+) -> list[DecodingResult]:
     """Decode already-encoded windows, detecting each window's language first if none is set."""
     languages = None
     language_probs = None

@@ -22,16 +22,18 @@ _DISTIL = ("distil-small.en", "distil-medium.en", "distil-large-v2", "distil-lar
 
 def _community(name: str, base_repo: str | None = None) -> dict:
     """mlx-community's whisper-<name>-mlx[-4bit|-8bit] convention."""
-    repos = {None: base_repo or f"{_COMMUNITY}/whisper-{name}-mlx"}
+    repos: dict[str | None, str] = {None: base_repo or f"{_COMMUNITY}/whisper-{name}-mlx"}
     repos.update({q: f"{_COMMUNITY}/whisper-{name}-mlx-{q}" for q in QUANTS})
     return repos
 
 
 def _distil(name: str) -> dict:
     # lightning stores these as mlx_models/<name>[-4-bit|-8-bit]/ inside one repo
-    return {None: f"{_DISTIL_REPO}:mlx_models/{name}",
-            "4bit": f"{_DISTIL_REPO}:mlx_models/{name}-4-bit",
-            "8bit": f"{_DISTIL_REPO}:mlx_models/{name}-8-bit"}
+    return {
+        None: f"{_DISTIL_REPO}:mlx_models/{name}",
+        "4bit": f"{_DISTIL_REPO}:mlx_models/{name}-4-bit",
+        "8bit": f"{_DISTIL_REPO}:mlx_models/{name}-8-bit",
+    }
 
 
 _MODELS: dict[str, dict] = {
@@ -45,8 +47,17 @@ _MODELS["large-v3-turbo"] = _MODELS["turbo"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The files a Whisper model directory needs, in any supported layout (skips e.g. flax/tf/onnx weights).
-_ALLOW_PATTERNS = ["*.json", "weights.npz", "weights.safetensors", "model.safetensors", "model-*.safetensors",
-                   "model.bin", "vocabulary.*", "*.tiktoken", "*.txt"]
+_ALLOW_PATTERNS = [
+    "*.json",
+    "weights.npz",
+    "weights.safetensors",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.bin",
+    "vocabulary.*",
+    "*.tiktoken",
+    "*.txt",
+]
 
 
 def available_models() -> list[str]:
@@ -65,14 +76,19 @@ def looks_like_repo_id(name: str) -> bool:
 def repo_for(name: str, quant: str | None = None) -> tuple[str, str | None]:
     """(repo id, subfolder or None) for a short name; ModelNotFoundError listing the names otherwise."""
     if name not in _MODELS:
-        raise ModelNotFoundError(f"unknown model name {name!r}; available: {', '.join(available_models())} "
-                                 "(or pass a local path or a Hugging Face repo id)")
+        raise ModelNotFoundError(
+            f"unknown model name {name!r}; available: {', '.join(available_models())} "
+            "(or pass a local path or a Hugging Face repo id)"
+        )
     if quant not in (None, *QUANTS):
         raise ValueError(f"quant must be None, '4bit' or '8bit', not {quant!r}")
     variants = _MODELS[name]
     if quant not in variants:
-        raise ModelNotFoundError(f"no published {quant} variant of {name!r}; make one with "
-                                 f"`python -m whisper_mlx.convert {name} OUT_DIR -q --q-bits {quant[0]}`")
+        assert quant is not None  # every name has a full-precision (None) variant
+        raise ModelNotFoundError(
+            f"no published {quant} variant of {name!r}; make one with "
+            f"`python -m whisper_mlx.convert {name} OUT_DIR -q --q-bits {quant[0]}`"
+        )
     repo, _, subfolder = variants[quant].partition(":")
     return repo, subfolder or None
 
@@ -89,14 +105,21 @@ def download(repo_id: str, subfolder: str | None = None, revision: str | None = 
     patterns = [f"{subfolder}/{p}" for p in _ALLOW_PATTERNS] if subfolder else list(_ALLOW_PATTERNS)
     try:
         snapshot = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, local_files_only=_offline(),
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            local_files_only=_offline(),
             cache_dir=os.environ.get("HF_HUB_CACHE") or None,
         )
     except Exception as exc:  # every hub failure (offline, not cached, 404, gated, network) reads the same to users
-        hint = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it once online"
-                if _offline() else "check the repo id and your network, or pass a local model directory")
-        raise ModelNotFoundError(f"could not get {repo_id!r} from the Hugging Face Hub: {hint} "
-                                 f"({type(exc).__name__}: {exc})") from exc
+        hint = (
+            "it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it once online"
+            if _offline()
+            else "check the repo id and your network, or pass a local model directory"
+        )
+        raise ModelNotFoundError(
+            f"could not get {repo_id!r} from the Hugging Face Hub: {hint} ({type(exc).__name__}: {exc})"
+        ) from exc
     path = Path(snapshot) / subfolder if subfolder else Path(snapshot)
     if not path.is_dir():
         raise ModelNotFoundError(f"{repo_id!r} has no folder {subfolder!r}")

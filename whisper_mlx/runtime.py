@@ -114,5 +114,8 @@ def device_name() -> str:
 
 def blas_info() -> dict:
     """Which BLAS serves MLX's CPU matmuls, and how it was found."""
-    return {"blas": _state["blas"] or "reference (bundled)", "blas_path": _state["blas_path"],
-            "blas_status": _state["status"]}
+    return {
+        "blas": _state["blas"] or "reference (bundled)",
+        "blas_path": _state["blas_path"],
+        "blas_status": _state["status"],
+    }

@@ -21,8 +21,9 @@ class WindowSegments:
     single_timestamp_ending: bool
 
 
-def make_segment(tokenizer: Tokenizer, *, seek: int, start: float, end: float, tokens: list[int],
-                 result: DecodingResult) -> dict:
+def make_segment(
+    tokenizer: Tokenizer, *, seek: int, start: float, end: float, tokens: list[int], result: DecodingResult
+) -> dict:
     text_tokens = [t for t in tokens if t < tokenizer.eot]
     return {
         "seek": seek,
@@ -56,8 +57,13 @@ def split_window(tokenizer: Tokenizer, result: DecodingResult, *, seek: int, seg
         segments, last_slice = [], 0
         for current in slices:
             piece = tokens[last_slice:current]
-            segments.append(new(time_offset + (piece[0] - ts_begin) * TIME_PRECISION,
-                                time_offset + (piece[-1] - ts_begin) * TIME_PRECISION, piece.tolist()))
+            segments.append(
+                new(
+                    time_offset + (piece[0] - ts_begin) * TIME_PRECISION,
+                    time_offset + (piece[-1] - ts_begin) * TIME_PRECISION,
+                    piece.tolist(),
+                )
+            )
             last_slice = current
         if single_ending:
             return WindowSegments(segments, segment_size, True)
@@ -67,8 +73,7 @@ def split_window(tokenizer: Tokenizer, result: DecodingResult, *, seek: int, seg
     timestamps = tokens[is_ts]
     if len(timestamps) > 0 and timestamps[-1] != ts_begin:
         duration = (int(timestamps[-1]) - ts_begin) * TIME_PRECISION  # no pair, but a timestamp: use it
-    return WindowSegments([new(time_offset, time_offset + duration, tokens.tolist())], segment_size,
-                          single_ending)
+    return WindowSegments([new(time_offset, time_offset + duration, tokens.tolist())], segment_size, single_ending)
 
 
 def clear_empty_segments(segments: list[dict]) -> None:

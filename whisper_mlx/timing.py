@@ -140,22 +140,30 @@ def _alignment_matrix(weights: np.ndarray, num_frames: int, medfilt_width: int, 
 
 def _word_timings(tokenizer, text_tokens, token_probs, text_indices, time_indices) -> list[WordTiming]:
     """Cut the DTW path into words: a word starts where the path first reaches its boundary row."""
-    words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    words, word_tokens = tokenizer.split_to_word_tokens([*text_tokens, tokenizer.eot])
     if len(word_tokens) <= 1:  # only eot
         return []
     boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
     jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
     jump_times = time_indices[jumps] / TOKENS_PER_SECOND
     starts, ends = jump_times[boundaries[:-1]], jump_times[boundaries[1:]]
-    probabilities = [float(np.mean(token_probs[i:j])) for i, j in zip(boundaries[:-1], boundaries[1:])]
+    probabilities = [float(np.mean(token_probs[i:j])) for i, j in itertools.pairwise(boundaries)]
     return [
         WordTiming(word, tokens, float(start), float(end), probability)
         for word, tokens, start, end, probability in zip(words, word_tokens, starts, ends, probabilities)
     ]
 
 
-def find_alignment(model, tokenizer, text_tokens: list[int], audio_features, num_frames: int, *,
-                   medfilt_width: int = 7, qk_scale: float = 1.0) -> list[WordTiming]:
+def find_alignment(
+    model,
+    tokenizer,
+    text_tokens: list[int],
+    audio_features,
+    num_frames: int,
+    *,
+    medfilt_width: int = 7,
+    qk_scale: float = 1.0,
+) -> list[WordTiming]:
     """Word timings (seconds from the window start) for `text_tokens` given the window's encoder output
     `audio_features` (1, T, D); `num_frames` is the window's number of mel frames holding audio."""
     from .backends import backend_for
@@ -225,12 +233,14 @@ def _take_segment_words(alignment, word_index: int, n_tokens: int, time_offset: 
     while word_index < len(alignment) and saved_tokens < n_tokens:
         timing = alignment[word_index]
         if timing.word:
-            words.append(dict(
-                word=timing.word,
-                start=round(float(time_offset + timing.start), 2),
-                end=round(float(time_offset + timing.end), 2),
-                probability=float(timing.probability),
-            ))
+            words.append(
+                {
+                    "word": timing.word,
+                    "start": round(float(time_offset + timing.start), 2),
+                    "end": round(float(time_offset + timing.end), 2),
+                    "probability": float(timing.probability),
+                }
+            )
         saved_tokens += len(timing.tokens)
         word_index += 1
     return words, word_index
@@ -262,10 +272,18 @@ def _reconcile_segment_bounds(segment: dict, words: list[dict], median: float) -
         segment["end"] = last["end"]
 
 
-def add_word_timestamps(*, segments: list[dict], model, tokenizer, audio_features, num_frames: int,
-                        prepend_punctuations: str = PREPEND_PUNCTUATIONS,
-                        append_punctuations: str = APPEND_PUNCTUATIONS,
-                        last_speech_timestamp: float, **kwargs) -> None:
+def add_word_timestamps(
+    *,
+    segments: list[dict],
+    model,
+    tokenizer,
+    audio_features,
+    num_frames: int,
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS,
+    append_punctuations: str = APPEND_PUNCTUATIONS,
+    last_speech_timestamp: float,
+    **kwargs,
+) -> None:
     """Align all `segments` of one window in a single pass and set each one's "words" (in place).
 
     `audio_features` is the window's encoder output (1, T, D); kwargs go to find_alignment.

@@ -9,14 +9,24 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Sequence
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
 import tqdm
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, MelFrames, log_mel_frames, pad_or_trim
+from .audio import (
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    MelFrames,
+    log_mel_frames,
+    pad_or_trim,
+)
 from .backends import AheadEncoder, Backend, backend_for
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language, take_rows
 from .errors import DecodingError
@@ -78,7 +88,10 @@ def seek_clips(clip_timestamps: tuple[float, ...], content_frames: int) -> list[
 def needs_fallback(result: DecodingResult, options: TranscribeOptions) -> bool:
     """openai's quality checks; a window that looks like silence (no_speech AND low logprob) passes."""
     failed = False
-    if options.compression_ratio_threshold is not None and result.compression_ratio > options.compression_ratio_threshold:
+    if (
+        options.compression_ratio_threshold is not None
+        and result.compression_ratio > options.compression_ratio_threshold
+    ):
         failed = True  # too repetitive
     if options.logprob_threshold is not None and result.avg_logprob < options.logprob_threshold:
         failed = True  # average log probability is too low
@@ -103,26 +116,30 @@ class TaskCache:
     """One DecodingTask per temperature (building one prepares the logit masks)."""
 
     def __init__(self, model: Whisper, options: DecodingOptions):
+        self.tasks: dict[float, DecodingTask]
         self.model, self.options, self.tasks = model, options, {}
 
     def get(self, temperature: float) -> DecodingTask:
         if temperature not in self.tasks:
             best_of = self.options.best_of if temperature > 0 else None
             self.tasks[temperature] = DecodingTask(
-                self.model, replace(self.options, temperature=temperature, best_of=best_of))
+                self.model, replace(self.options, temperature=temperature, best_of=best_of)
+            )
         return self.tasks[temperature]
 
 
-def decode_with_fallback(tasks: TaskCache, features, prompts: list, languages: list,
-                         options: TranscribeOptions) -> list[DecodingResult]:
+def decode_with_fallback(
+    tasks: TaskCache, features, prompts: list, languages: list, options: TranscribeOptions
+) -> list[DecodingResult]:
     """Decode every row; rows failing the quality checks are decoded again, together, at the next
     temperature of the ladder (their encoder output reused), until they pass or the ladder ends."""
     results: list[DecodingResult | None] = [None] * features.shape[0]
     pending = list(range(features.shape[0]))
     for temperature in options.temperatures:
         batch = features if len(pending) == features.shape[0] else take_rows(features, pending)
-        decoded = tasks.get(temperature).run(batch, [prompts[i] for i in pending],
-                                             [languages[i] for i in pending], temperature=temperature)
+        decoded = tasks.get(temperature).run(
+            batch, [prompts[i] for i in pending], [languages[i] for i in pending], temperature=temperature
+        )
         failed = []
         for row, result in zip(pending, decoded):
             results[row] = result
@@ -131,7 +148,7 @@ def decode_with_fallback(tasks: TaskCache, features, prompts: list, languages: l
         pending = failed
         if not pending:
             break
-    return results
+    return cast(list[DecodingResult], results)  # every row is decoded at the first temperature
 
 
 # ------------------------------------------------------------------------------ shared context
@@ -199,14 +216,15 @@ class Context:
         if mine:  # encoded here while the background encoder finishes its window
             encoded = self.backend.encode(np.stack([self.window_frames(s, n) for s, n in mine]))
             features = {key: encoded[i] for i, key in enumerate(mine)}
-        return self.backend.stack([features[key] if key in features else self.ahead.result(key)
-                                   for key in starts_sizes])
+        ahead = cast(AheadEncoder, self.ahead)  # some windows are not mine: they are encoded ahead
+        return self.backend.stack([features[key] if key in features else ahead.result(key) for key in starts_sizes])
 
     def encode_ahead(self, spans: list[WindowSpan]) -> None:
         """Start encoding these windows beside the caller's decoding, where the backend offers it."""
         if spans:
-            self.ahead = self.backend.encode_ahead({(s.seek, s.size): self.window_frames(s.seek, s.size)
-                                                    for s in spans})
+            self.ahead = self.backend.encode_ahead(
+                {(s.seek, s.size): self.window_frames(s.seek, s.size) for s in spans}
+            )
 
     def stop_encoding_ahead(self) -> None:
         if self.ahead is not None:
@@ -243,8 +261,10 @@ def print_segments(segments: list[dict], verbose: bool | None) -> None:
 
     for s in segments:
         line = f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text']}"
-        print(line.encode(sys.stdout.encoding or "utf-8", errors="replace").decode(sys.stdout.encoding or "utf-8"),
-              flush=True)
+        print(
+            line.encode(sys.stdout.encoding or "utf-8", errors="replace").decode(sys.stdout.encoding or "utf-8"),
+            flush=True,
+        )
 
 
 def last_word_end(segments: list[dict]) -> float | None:
@@ -281,15 +301,20 @@ def add_words(ctx: Context, transcript: Transcript, segments: list[dict], featur
     from .timing import add_word_timestamps
 
     add_word_timestamps(
-        segments=segments, model=ctx.model, tokenizer=ctx.tokenizer, audio_features=features,
-        num_frames=span.size, prepend_punctuations=ctx.options.prepend_punctuations,
+        segments=segments,
+        model=ctx.model,
+        tokenizer=ctx.tokenizer,
+        audio_features=features,
+        num_frames=span.size,
+        prepend_punctuations=ctx.options.prepend_punctuations,
         append_punctuations=ctx.options.append_punctuations,
         last_speech_timestamp=transcript.last_speech_timestamp,
     )
 
 
-def hallucination_cut(segments: list[dict], span: WindowSpan, threshold: float, last_speech: float,
-                      content_frames: int) -> int | None:
+def hallucination_cut(
+    segments: list[dict], span: WindowSpan, threshold: float, last_speech: float, content_frames: int
+) -> int | None:
     """openai's rule: drop an anomalous segment surrounded by silence (or more anomalies) and
     everything after it; returns the frame to seek to, or None when nothing is dropped."""
     from .timing import is_segment_anomaly, next_words_segment
@@ -302,10 +327,16 @@ def hallucination_cut(segments: list[dict], span: WindowSpan, threshold: float, 
         if is_segment_anomaly(segment):
             following = next_words_segment(segments[i + 1 :])
             next_start = following["words"][0]["start"] if following else span.time_offset + span.duration
-            silence_before = (segment["start"] - previous_end > threshold or segment["start"] < threshold
-                              or segment["start"] - span.time_offset < 2.0)
-            silence_after = (next_start - segment["end"] > threshold or is_segment_anomaly(following)
-                             or span.end_time - segment["end"] < 2.0)
+            silence_before = (
+                segment["start"] - previous_end > threshold
+                or segment["start"] < threshold
+                or segment["start"] - span.time_offset < 2.0
+            )
+            silence_after = (
+                next_start - segment["end"] > threshold
+                or is_segment_anomaly(following)
+                or span.end_time - segment["end"] < 2.0
+            )
             if silence_before and silence_after:
                 seek = round(max(span.time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
                 if content_duration - segment["end"] < threshold:
@@ -316,8 +347,9 @@ def hallucination_cut(segments: list[dict], span: WindowSpan, threshold: float, 
     return None
 
 
-def seek_after_words(segments: list[dict], span: WindowSpan, seek: int, single_ending: bool,
-                     threshold: float | None) -> int:
+def seek_after_words(
+    segments: list[dict], span: WindowSpan, seek: int, single_ending: bool, threshold: float | None
+) -> int:
     """With word timestamps, the next window starts at the last word's end (openai)."""
     if single_ending:
         return seek
@@ -329,8 +361,9 @@ def seek_after_words(segments: list[dict], span: WindowSpan, seek: int, single_e
     return round(end * FRAMES_PER_SECOND)
 
 
-def apply_word_timing(ctx: Context, transcript: Transcript, window, features, span: WindowSpan,
-                      seek: int) -> tuple[int, bool]:
+def apply_word_timing(
+    ctx: Context, transcript: Transcript, window, features, span: WindowSpan, seek: int
+) -> tuple[int, bool]:
     """Adds words to window.segments; returns (next seek, whether to drop the whole window)."""
     from .timing import is_segment_anomaly, next_words_segment
 
@@ -356,8 +389,7 @@ def apply_word_timing(ctx: Context, transcript: Transcript, window, features, sp
 # ------------------------------------------------------------------- sequential and batched
 
 
-def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features,
-                   result: DecodingResult) -> int:
+def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features, result: DecodingResult) -> int:
     """Turn one decoded window into segments and add them; returns where the next window starts."""
     if should_skip_as_silence(result, ctx.options):
         return span.seek + span.size
@@ -487,8 +519,9 @@ _model_cache: dict = {}
 _model_cache_lock = threading.Lock()
 
 
-def resolve_model(model: Whisper | None, path_or_hf_repo: str | None, fp16: bool | None,
-                  backend: str | None = None) -> tuple[Whisper, Backend]:
+def resolve_model(
+    model: Whisper | None, path_or_hf_repo: str | None, fp16: bool | None, backend: str | None = None
+) -> tuple[Whisper, Backend]:
     """The model to use (given, or loaded and cached) and its backend."""
     if model is None:
         from .load_models import default_model_path, get_cached_model
@@ -499,15 +532,23 @@ def resolve_model(model: Whisper | None, path_or_hf_repo: str | None, fp16: bool
 
 
 def build_options(temperature, batch_size, verbose, clip_timestamps, **kwargs) -> TranscribeOptions:
-    temperatures = (float(temperature),) if np.isscalar(temperature) else tuple(float(t) for t in temperature)
+    # the cast: np.isscalar's TypeIs narrows to numpy scalars, complex, str..., not to what float() takes
+    temperatures = (
+        (float(cast(float, temperature)),) if np.isscalar(temperature) else tuple(float(t) for t in temperature)
+    )
     if not temperatures:
         raise DecodingError("temperature must be a number or a non-empty sequence")
     if batch_size is None:
         batch_size = 1
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise DecodingError(f"batch_size must be a positive integer, got {batch_size!r}")
-    options = TranscribeOptions(temperatures=temperatures, batch_size=int(batch_size), verbose=verbose,
-                                clip_timestamps=parse_clip_timestamps(clip_timestamps), **kwargs)
+    options = TranscribeOptions(
+        temperatures=temperatures,
+        batch_size=int(batch_size),
+        verbose=verbose,
+        clip_timestamps=parse_clip_timestamps(clip_timestamps),
+        **kwargs,
+    )
     if options.hallucination_silence_threshold is not None and not options.word_timestamps:
         raise DecodingError("hallucination_silence_threshold requires word_timestamps=True")
     return options
@@ -570,17 +611,32 @@ def transcribe(
     """
     model, model_backend = resolve_model(model, path_or_hf_repo, decode_options.get("fp16"), backend)
     options = build_options(
-        temperature, batch_size, verbose, clip_timestamps,
-        compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
-        no_speech_threshold=no_speech_threshold, condition_on_previous_text=condition_on_previous_text,
-        initial_prompt=initial_prompt, carry_initial_prompt=carry_initial_prompt,
-        word_timestamps=word_timestamps, prepend_punctuations=prepend_punctuations,
-        append_punctuations=append_punctuations, hallucination_silence_threshold=hallucination_silence_threshold,
+        temperature,
+        batch_size,
+        verbose,
+        clip_timestamps,
+        compression_ratio_threshold=compression_ratio_threshold,
+        logprob_threshold=logprob_threshold,
+        no_speech_threshold=no_speech_threshold,
+        condition_on_previous_text=condition_on_previous_text,
+        initial_prompt=initial_prompt,
+        carry_initial_prompt=carry_initial_prompt,
+        word_timestamps=word_timestamps,
+        prepend_punctuations=prepend_punctuations,
+        append_punctuations=append_punctuations,
+        hallucination_silence_threshold=hallucination_silence_threshold,
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
     mel = log_mel_frames(audio, model.dims.n_mels, padding=N_SAMPLES)
-    ctx = Context(model, model_backend, mel, mel.n_frames - N_FRAMES, options, TaskCache(model, decoding),
-                  language=decoding.language)
+    ctx = Context(
+        model,
+        model_backend,
+        mel,
+        mel.n_frames - N_FRAMES,
+        options,
+        TaskCache(model, decoding),
+        language=decoding.language,
+    )
     if word_timestamps and decoding.task == "translate":
         import warnings
 
@@ -593,8 +649,13 @@ def run_transcription(ctx: Context) -> dict:
     prompt_tokens = ctx.tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
     transcript = Transcript(initial_prompt_tokens=prompt_tokens, all_tokens=list(prompt_tokens))
     duration = ctx.content_frames / FRAMES_PER_SECOND
-    with tqdm.tqdm(total=round(duration, 2), unit="s", unit_scale=False, disable=options.verbose is not False,
-                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
+    with tqdm.tqdm(
+        total=round(duration, 2),
+        unit="s",
+        unit_scale=False,
+        disable=options.verbose is not False,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
+    ) as bar:
         progress = lambda frames: bar.update(max(0, frames) / FRAMES_PER_SECOND)  # noqa: E731
         if options.batch_size > 1:
             lanes = batched_lanes(ctx, prompt_tokens)

@@ -64,8 +64,9 @@ def quietest_near(energy: np.ndarray, target: int, lo: int, hi: int) -> int:
     return start + int(np.argmin(smooth))
 
 
-def plan_lanes(energy: np.ndarray, clips: list[tuple[int, int]], max_lanes: int,
-               min_lane_frames: int = MIN_LANE_FRAMES) -> list[list[tuple[int, int]]]:
+def plan_lanes(
+    energy: np.ndarray, clips: list[tuple[int, int]], max_lanes: int, min_lane_frames: int = MIN_LANE_FRAMES
+) -> list[list[tuple[int, int]]]:
     """Split the speech regions inside the clips into at most max_lanes lanes of similar speech
     duration, each cut at a quiet point; a lane is a list of (start, end) regions in mel frames.
 

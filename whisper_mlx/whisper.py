@@ -7,6 +7,8 @@ device: attention goes through `mx.fast.scaled_dot_product_attention` everywhere
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -145,8 +147,9 @@ class AudioEncoder(nn.Module):
         x = nn.gelu(self.conv1(mel))
         x = nn.gelu(self.conv2(x))
         if x.shape[1] != self._positional_embedding.shape[0]:
-            raise ValueError(f"incorrect audio shape: {x.shape[1]} frames after conv, expected "
-                             f"{self._positional_embedding.shape[0]}")
+            raise ValueError(
+                f"incorrect audio shape: {x.shape[1]} frames after conv, expected {self._positional_embedding.shape[0]}"
+            )
         x = x + self._positional_embedding.astype(x.dtype)
         for block in self.blocks:
             x = block(x)
@@ -184,7 +187,7 @@ class DecoderState:
         n_head, width = block.attn.n_head, block.attn.query.weight.shape[0]
         batch, dtype = audio_features.shape[0], audio_features.dtype
         self.caches = [KVCache(batch, n_head, width // n_head, max_len, dtype) for _ in decoder.blocks]
-        self.cross_kv = [b.cross_attn.cross_kv(audio_features) for b in decoder.blocks]
+        self.cross_kv = [cast(MultiHeadAttention, b.cross_attn).cross_kv(audio_features) for b in decoder.blocks]
         self.pad = pad  # (B,) int32: padding tokens before each row's prompt
         self.has_padding = bool(mx.any(pad > 0).item())
 
@@ -205,10 +208,12 @@ class Whisper(nn.Module):
         super().__init__()
         self.dims = dims
         self.dtype = dtype
-        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
-                                    dims.n_audio_layer, dtype)
-        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
-                                   dims.n_text_layer, dtype)
+        self.encoder = AudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer, dtype
+        )
+        self.decoder = TextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer, dtype
+        )
         # openai's default: all heads of the second half of the decoder layers
         heads = np.zeros((dims.n_text_layer, dims.n_text_head), dtype=bool)
         heads[dims.n_text_layer // 2 :] = True
@@ -236,7 +241,7 @@ class Whisper(nn.Module):
             pad = mx.zeros((audio_features.shape[0],), mx.int32)
         return DecoderState(self.decoder, audio_features, pad, self.dims.n_text_ctx)
 
-    def step(self, tokens: mx.array, state: DecoderState, keep: int = 1) -> tuple[mx.array, mx.array]:
+    def step(self, tokens: mx.array, state: DecoderState, keep: int = 1) -> tuple[Any, mx.array]:
         """Feed new tokens (B, L) and return (logits of the last `keep` positions, or None when keep
         is 0, and all hidden states)."""
         length = tokens.shape[1]
@@ -281,7 +286,9 @@ class Whisper(nn.Module):
         weights = []
         for block in decoder.blocks:
             x = x + block.attn(block.attn_ln(x), mask)
-            attended, w = block.cross_attn.cross_with_weights(block.cross_attn_ln(x), audio_features)
+            cross_attn = cast(MultiHeadAttention, block.cross_attn)  # decoder blocks always have cross-attention
+            cross_ln = cast(nn.LayerNorm, block.cross_attn_ln)
+            attended, w = cross_attn.cross_with_weights(cross_ln(x), audio_features)
             x = x + attended
             x = x + block.mlp(x)
             weights.append(w)

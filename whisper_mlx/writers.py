@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Iterable, Iterator, Optional, TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO
 
 from .errors import WhisperMLXError
 
@@ -77,9 +78,9 @@ class ResultWriter:
         self,
         result: dict,
         audio_path: str,
-        options: Optional[dict] = None,
+        options: dict | None = None,
         *,
-        output_name: Optional[str] = None,
+        output_name: str | None = None,
         protected_paths: Iterable[str] = (),
         **kwargs,
     ) -> str:
@@ -95,7 +96,7 @@ class ResultWriter:
             self.write_result(result, file=file, options=options, **kwargs)
         return path
 
-    def write_result(self, result: dict, file: TextIO, options: Optional[dict] = None, **kwargs) -> None:
+    def write_result(self, result: dict, file: TextIO, options: dict | None = None, **kwargs) -> None:
         raise NotImplementedError
 
 
@@ -104,7 +105,7 @@ class WriteTXT(ResultWriter):
 
     extension = "txt"
 
-    def write_result(self, result: dict, file: TextIO, options: Optional[dict] = None, **kwargs) -> None:
+    def write_result(self, result: dict, file: TextIO, options: dict | None = None, **kwargs) -> None:
         for segment in result["segments"]:
             print(segment["text"].strip(), file=file)
 
@@ -113,7 +114,7 @@ def _segment_words(segment: dict) -> list:
     return segment.get("words") or []
 
 
-def _first_word_start(segments: list) -> Optional[float]:
+def _first_word_start(segments: list) -> float | None:
     first_word = next((word for segment in segments for word in _segment_words(segment)), None)
     if first_word is not None:
         return first_word["start"]
@@ -126,7 +127,7 @@ def _split_into_chunks(words: list, max_words_per_line: int) -> Iterator[list]:
 
 
 def _wrap_words_into_subtitles(
-    segments: list, max_line_width: int, max_line_count: Optional[int], max_words_per_line: int, preserve_segments: bool
+    segments: list, max_line_width: int, max_line_count: int | None, max_words_per_line: int, preserve_segments: bool
 ) -> Iterator[list]:
     """Group word timings into subtitles, openai-whisper's way; yields lists of word dicts (copies).
 
@@ -135,6 +136,7 @@ def _wrap_words_into_subtitles(
     `max_words_per_line` words starts a new subtitle; otherwise a subtitle ends after
     `max_line_count` lines or before a pause of more than 3 s.
     """
+    subtitle: list[dict]
     line_len, line_count, subtitle = 0, 1, []
     last_start = _first_word_start(segments) or 0.0
     for segment in segments:
@@ -179,12 +181,12 @@ class SubtitlesWriter(ResultWriter):
     def iterate_result(
         self,
         result: dict,
-        options: Optional[dict] = None,
+        options: dict | None = None,
         *,
-        max_line_width: Optional[int] = None,
-        max_line_count: Optional[int] = None,
+        max_line_width: int | None = None,
+        max_line_count: int | None = None,
         highlight_words: bool = False,
-        max_words_per_line: Optional[int] = None,
+        max_words_per_line: int | None = None,
     ) -> Iterator[tuple]:
         """Yield `(start, end, text)` cues; keyword arguments take precedence over `options`."""
         options = options or {}
@@ -233,7 +235,7 @@ class WriteVTT(SubtitlesWriter):
     always_include_hours = False
     decimal_marker = "."
 
-    def write_result(self, result: dict, file: TextIO, options: Optional[dict] = None, **kwargs) -> None:
+    def write_result(self, result: dict, file: TextIO, options: dict | None = None, **kwargs) -> None:
         print("WEBVTT\n", file=file)
         for start, end, text in self.iterate_result(result, options, **kwargs):
             print(f"{start} --> {end}\n{text}\n", file=file)
@@ -246,7 +248,7 @@ class WriteSRT(SubtitlesWriter):
     always_include_hours = True
     decimal_marker = ","
 
-    def write_result(self, result: dict, file: TextIO, options: Optional[dict] = None, **kwargs) -> None:
+    def write_result(self, result: dict, file: TextIO, options: dict | None = None, **kwargs) -> None:
         for cue_number, (start, end, text) in enumerate(self.iterate_result(result, options, **kwargs), start=1):
             print(f"{cue_number}\n{start} --> {end}\n{text}\n", file=file)
 
@@ -259,7 +261,7 @@ class WriteTSV(ResultWriter):
 
     extension = "tsv"
 
-    def write_result(self, result: dict, file: TextIO, options: Optional[dict] = None, **kwargs) -> None:
+    def write_result(self, result: dict, file: TextIO, options: dict | None = None, **kwargs) -> None:
         print("start", "end", "text", sep="\t", file=file)
         for segment in result["segments"]:
             text = segment["text"].strip().replace("\t", " ").replace("\n", " ")
@@ -280,7 +282,7 @@ class WriteJSON(ResultWriter):
 
     extension = "json"
 
-    def write_result(self, result: dict, file: TextIO, options: Optional[dict] = None, **kwargs) -> None:
+    def write_result(self, result: dict, file: TextIO, options: dict | None = None, **kwargs) -> None:
         json.dump(result, file, ensure_ascii=False, default=_json_fallback)
 
 
@@ -301,7 +303,7 @@ def get_writer(output_format: str, output_dir: str) -> Callable[..., object]:
     if output_format == "all":
         writers = [writer_class(output_dir) for writer_class in WRITERS.values()]
 
-        def write_all(result: dict, audio_path: str, options: Optional[dict] = None, **kwargs) -> list:
+        def write_all(result: dict, audio_path: str, options: dict | None = None, **kwargs) -> list:
             # check every target first so that a refusal leaves no partial set behind
             name = kwargs.get("output_name") or output_name_for(audio_path)
             protected = [audio_path, *kwargs.get("protected_paths", ())]

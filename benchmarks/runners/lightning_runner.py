@@ -26,4 +26,5 @@ def transcribe(model, samples):
 
 measure(load, transcribe, args, {"blas": blas, "device": str(mx.default_device()), "dtype": args.dtype,
                                  "batch_size": args.batch_size,
-                                 "versions": versions("lightning-whisper-mlx", "mlx", "tiktoken", "numpy")})  # fmt: skip
+                                 "versions": versions("lightning-whisper-mlx", "mlx", "tiktoken",
+                                                      "numpy")})  # fmt: skip

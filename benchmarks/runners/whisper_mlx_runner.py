@@ -21,4 +21,5 @@ def transcribe(model, samples):
 info = whisper_mlx.backend_info()
 measure(load, transcribe, args, {"blas": info.get("blas_path") or info.get("blas"), "device": info.get("device"),
                                  "dtype": info.get("default_dtype"), "batch_size": args.batch_size,
-                                 "backend_info": info, "versions": versions("whisper-mlx", "mlx", "numpy")})  # fmt: skip
+                                 "backend_info": info,
+                                 "versions": versions("whisper-mlx", "mlx", "numpy")})  # fmt: skip

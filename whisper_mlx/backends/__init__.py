@@ -15,8 +15,16 @@ from .interface import AheadEncoder, Backend, DecoderState
 BACKEND_NAMES = ("auto", "mlx", "numpy")
 ENVIRONMENT_VARIABLE = "WHISPER_MLX_BACKEND"
 
-__all__ = ["BACKEND_NAMES", "AheadEncoder", "Backend", "DecoderState", "backend_for", "backend_info",
-           "requested_backend", "select_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "AheadEncoder",
+    "Backend",
+    "DecoderState",
+    "backend_for",
+    "backend_info",
+    "requested_backend",
+    "select_backend",
+]
 
 
 def requested_backend(name: str | None = None) -> str:

@@ -9,8 +9,9 @@ Arrays that stay on the backend (encoder outputs, logits, per-row flags) are of 
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Hashable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,10 +43,14 @@ class AheadEncoder(Protocol):
 
 class Backend(Protocol):
     name: str  # "mlx" or "numpy"
-    xp: Any  # the array module of features, logits and per-row state
 
-    def encode(self, mels: np.ndarray) -> Any:
-        """Encoder outputs (B, n_audio_ctx, n_state) of log-mel windows (B, n_frames, n_mels), evaluated."""
+    @property
+    def xp(self) -> Any:
+        """The array module of features, logits and per-row state."""
+
+    def encode(self, mels: Any) -> Any:
+        """Encoder outputs (B, n_audio_ctx, n_state) of log-mel windows (B, n_frames, n_mels), numpy or
+        mlx, evaluated."""
 
     def encode_ahead(self, mels: dict) -> AheadEncoder | None:
         """Start encoding keyed windows beside the caller's decoding, or None where that does not pay."""
@@ -56,10 +61,11 @@ class Backend(Protocol):
     def new_state(self, features: Any, pad: np.ndarray) -> DecoderState:
         """A decoder state for the rows of `features`, row i's prompt left-padded by pad[i] tokens."""
 
-    def prefill(self, state: DecoderState, tokens: np.ndarray, sot_index: int) -> tuple[Any, Any]:
+    # `state: Any` below: a backend takes only the DecoderState its own new_state made
+    def prefill(self, state: Any, tokens: np.ndarray, sot_index: int) -> tuple[Any, Any]:
         """Feed the prompts (B, L); logits (B, n_vocab) at the last position and at `sot_index`."""
 
-    def step(self, state: DecoderState, tokens: Any) -> Any:
+    def step(self, state: Any, tokens: Any) -> Any:
         """Feed one token per row (B,); logits (B, n_vocab) of the next position."""
 
     def submit(self, *arrays: Any) -> None:
@@ -68,7 +74,9 @@ class Backend(Protocol):
     def to_host(self, array: Any) -> np.ndarray:
         """A numpy copy of a backend array: waits for it."""
 
-    def alignment_weights(self, tokens: np.ndarray, features: Any, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def alignment_weights(
+        self, tokens: np.ndarray, features: Any, heads: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Forced decode of tokens (1, L): logits (L, n_vocab) and the (layer, head) pairs' cross-attention
         weights (n_heads, L, n_audio_ctx), softmaxed over all audio positions."""
 

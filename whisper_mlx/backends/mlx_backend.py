@@ -3,6 +3,8 @@ dtype, quantized or not."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mlx.core as mx
 import numpy as np
 
@@ -43,7 +45,9 @@ class MLXBackend:
     def to_host(self, array) -> np.ndarray:
         return np.array(array)
 
-    def alignment_weights(self, tokens: np.ndarray, features, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def alignment_weights(
+        self, tokens: np.ndarray, features, heads: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         logits, cross_weights = self.model.forward_with_cross_qk(mx.array(tokens), mx.array(features))
         picked = mx.stack([cross_weights[layer][0, head] for layer, head in heads])
         return np.array(logits[0]), np.array(picked.astype(mx.float32))

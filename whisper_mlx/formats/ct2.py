@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFormatError
 from ..dims import ModelDimensions
+from ..errors import ModelFormatError
 
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -28,7 +28,9 @@ class _Reader:
 
     def take(self, n: int) -> memoryview:
         if self.offset + n > len(self.buffer):
-            raise ModelFormatError(f"{self.path}: truncated CTranslate2 file (wanted {n} bytes at offset {self.offset})")
+            raise ModelFormatError(
+                f"{self.path}: truncated CTranslate2 file (wanted {n} bytes at offset {self.offset})"
+            )
         view = memoryview(self.buffer)[self.offset : self.offset + n]
         self.offset += n
         return view

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError
 from ..dims import ModelDimensions, sinusoids
+from ..errors import ModelFormatError
 from . import Checkpoint
 from .mlx import dequantize_checkpoint, read_json
 from .safetensors import read_safetensors, write_safetensors
@@ -20,23 +21,40 @@ from .safetensors import read_safetensors, write_safetensors
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 _CONFIG_KEYS = {  # ModelDimensions field -> transformers WhisperConfig key
-    "n_mels": "num_mel_bins", "n_audio_ctx": "max_source_positions", "n_audio_state": "d_model",
-    "n_audio_head": "encoder_attention_heads", "n_audio_layer": "encoder_layers", "n_vocab": "vocab_size",
-    "n_text_ctx": "max_target_positions", "n_text_state": "d_model", "n_text_head": "decoder_attention_heads",
+    "n_mels": "num_mel_bins",
+    "n_audio_ctx": "max_source_positions",
+    "n_audio_state": "d_model",
+    "n_audio_head": "encoder_attention_heads",
+    "n_audio_layer": "encoder_layers",
+    "n_vocab": "vocab_size",
+    "n_text_ctx": "max_target_positions",
+    "n_text_state": "d_model",
+    "n_text_head": "decoder_attention_heads",
     "n_text_layer": "decoder_layers",
 }
 
 # Per-layer names (after "model.{encoder,decoder}.layers.N.") -> mlx-whisper names (after "blocks.N.")
 _LAYER_NAMES = {
-    "self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
-    "self_attn.out_proj": "attn.out", "self_attn_layer_norm": "attn_ln",
-    "encoder_attn.q_proj": "cross_attn.query", "encoder_attn.k_proj": "cross_attn.key",
-    "encoder_attn.v_proj": "cross_attn.value", "encoder_attn.out_proj": "cross_attn.out",
-    "encoder_attn_layer_norm": "cross_attn_ln", "fc1": "mlp1", "fc2": "mlp2", "final_layer_norm": "mlp_ln",
+    "self_attn.q_proj": "attn.query",
+    "self_attn.k_proj": "attn.key",
+    "self_attn.v_proj": "attn.value",
+    "self_attn.out_proj": "attn.out",
+    "self_attn_layer_norm": "attn_ln",
+    "encoder_attn.q_proj": "cross_attn.query",
+    "encoder_attn.k_proj": "cross_attn.key",
+    "encoder_attn.v_proj": "cross_attn.value",
+    "encoder_attn.out_proj": "cross_attn.out",
+    "encoder_attn_layer_norm": "cross_attn_ln",
+    "fc1": "mlp1",
+    "fc2": "mlp2",
+    "final_layer_norm": "mlp_ln",
 }
 _TOP_NAMES = {
-    "encoder.conv1": "encoder.conv1", "encoder.conv2": "encoder.conv2", "encoder.layer_norm": "encoder.ln_post",
-    "decoder.embed_tokens": "decoder.token_embedding", "decoder.layer_norm": "decoder.ln",
+    "encoder.conv1": "encoder.conv1",
+    "encoder.conv2": "encoder.conv2",
+    "encoder.layer_norm": "encoder.ln_post",
+    "decoder.embed_tokens": "decoder.token_embedding",
+    "decoder.layer_norm": "decoder.ln",
 }
 _LAYER = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _SKIPPED = ("encoder.embed_positions.weight", "proj_out.weight")  # computed / tied to embed_tokens
@@ -110,8 +128,12 @@ def read_hf_checkpoint(model_dir: str | Path) -> Checkpoint:
     generation_config = model_dir / "generation_config.json"
     if generation_config.exists():
         heads = read_json(generation_config).get("alignment_heads")
-    return Checkpoint(dims, weights, None if heads is None else np.asarray(heads, dtype=np.int64).reshape(-1, 2),
-                      source_format="transformers")
+    return Checkpoint(
+        dims,
+        weights,
+        None if heads is None else np.asarray(heads, dtype=np.int64).reshape(-1, 2),
+        source_format="transformers",
+    )
 
 
 def _hf_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -138,14 +160,22 @@ def hf_config(dims: ModelDimensions, dtype: str) -> dict:
     if dims.n_audio_state != dims.n_text_state:
         raise ValueError("transformers Whisper needs equal encoder and decoder widths")
     eot = 50256 + int(dims.n_vocab >= 51865)  # multilingual vocabularies have one more token before <|endoftext|>
-    config = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"}
+    config: dict[str, Any] = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"}
     config.update({key: getattr(dims, field) for field, key in _CONFIG_KEYS.items()})
-    config.update({
-        "encoder_ffn_dim": 4 * dims.n_audio_state, "decoder_ffn_dim": 4 * dims.n_text_state,
-        "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
-        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "decoder_start_token_id": eot + 1,
-        "torch_dtype": dtype,
-    })
+    config.update(
+        {
+            "encoder_ffn_dim": 4 * dims.n_audio_state,
+            "decoder_ffn_dim": 4 * dims.n_text_state,
+            "activation_function": "gelu",
+            "scale_embedding": False,
+            "tie_word_embeddings": True,
+            "bos_token_id": eot,
+            "eos_token_id": eot,
+            "pad_token_id": eot,
+            "decoder_start_token_id": eot + 1,
+            "torch_dtype": dtype,
+        }
+    )
     return config
 
 

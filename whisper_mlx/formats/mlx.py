@@ -12,11 +12,12 @@ import json
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError
 from ..dims import ModelDimensions
+from ..errors import ModelFormatError
 from . import Checkpoint
 from .safetensors import read_safetensors, write_safetensors
 
@@ -92,7 +93,7 @@ def write_mlx_checkpoint(checkpoint: Checkpoint, out_dir: str | Path, files=MLX_
     """Write config.json plus each of `files` (weights.safetensors, weights.npz); returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = dict(checkpoint.weights)
+    weights: dict[str, Any] = dict(checkpoint.weights)  # Any: numpy's savez stub checks **kwds against allow_pickle
     if checkpoint.alignment_heads is not None:
         weights["alignment_heads"] = np.asarray(checkpoint.alignment_heads, dtype=np.int64).reshape(-1, 2)
     written = []
@@ -122,11 +123,14 @@ def dequantize_weights(weights: dict[str, np.ndarray], quantization: dict) -> di
             continue
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix is not None and f"{prefix}.scales" in weights:
-            value = mx.dequantize(
-                mx.array(value), mx.array(weights[f"{prefix}.scales"]), mx.array(weights[f"{prefix}.biases"]),
-                group_size=quantization["group_size"], bits=quantization["bits"],
+            dequantized = mx.dequantize(
+                mx.array(value),
+                mx.array(weights[f"{prefix}.scales"]),
+                mx.array(weights[f"{prefix}.biases"]),
+                group_size=quantization["group_size"],
+                bits=quantization["bits"],
             )
-            value = np.array(value.astype(mx.float32))
+            value = np.array(dequantized.astype(mx.float32))
         out[name] = value
     return out
 
@@ -136,5 +140,6 @@ def dequantize_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
     if not checkpoint.quantization:
         return checkpoint
     weights = dequantize_weights(checkpoint.weights, checkpoint.quantization)
-    return Checkpoint(checkpoint.dims, weights, checkpoint.alignment_heads, None,
-                      checkpoint.source_format, dict(checkpoint.extras))
+    return Checkpoint(
+        checkpoint.dims, weights, checkpoint.alignment_heads, None, checkpoint.source_format, dict(checkpoint.extras)
+    )

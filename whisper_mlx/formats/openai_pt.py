@@ -18,20 +18,27 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError
 from ..dims import ModelDimensions, sinusoids
+from ..errors import ModelFormatError
 from . import Checkpoint
 from .safetensors import bfloat16_to_float32
 from .torch_pickle import write_torch_zip
 
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "DoubleStorage": np.float64,
     "BFloat16Storage": np.uint16,  # widened to float32 when read (numpy has no bfloat16)
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -129,8 +136,10 @@ def read_torch_zip(path: str | Path):
         magic = f.read(4)
     if magic != _ZIP_MAGIC:
         if magic[:1] == b"\x80":
-            raise ModelFormatError(f"{path}: legacy (pre-zip, torch<1.6) checkpoints are not supported; "
-                                   "re-save it with a recent torch.save or convert it to another format")
+            raise ModelFormatError(
+                f"{path}: legacy (pre-zip, torch<1.6) checkpoints are not supported; "
+                "re-save it with a recent torch.save or convert it to another format"
+            )
         raise ModelFormatError(f"{path}: not a torch checkpoint (not a zip archive)")
     try:
         with zipfile.ZipFile(path) as archive:
@@ -166,7 +175,7 @@ def openai_to_mlx_weights(state_dict: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def mlx_to_openai_weights(weights: dict[str, np.ndarray], dims: ModelDimensions) -> "OrderedDict[str, np.ndarray]":
+def mlx_to_openai_weights(weights: dict[str, np.ndarray], dims: ModelDimensions) -> OrderedDict[str, np.ndarray]:
     # openai keeps the encoder's sinusoidal embedding as a (persistent) buffer, so include it
     dtype = weights["encoder.ln_post.weight"].dtype
     out = OrderedDict(
@@ -194,7 +203,7 @@ def parse_alignment_heads(value, dims: ModelDimensions) -> np.ndarray | None:
         value = np.frombuffer(raw, dtype=bool).copy()
     array = np.asarray(value)
     mask_size = dims.n_text_layer * dims.n_text_head
-    if array.dtype == bool or (array.ndim != 2 or array.shape[1] != 2) and array.size == mask_size:
+    if array.dtype == bool or ((array.ndim != 2 or array.shape[1] != 2) and array.size == mask_size):
         return np.argwhere(array.reshape(dims.n_text_layer, dims.n_text_head)).astype(np.int64)
     if array.ndim == 2 and array.shape[1] == 2:
         return array.astype(np.int64)
@@ -207,16 +216,16 @@ def read_openai_checkpoint(path: str | Path) -> Checkpoint:
     obj = read_torch_zip(path)
     if not isinstance(obj, dict) or "dims" not in obj or "model_state_dict" not in obj:
         keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-        raise ModelFormatError(f"{path}: not an OpenAI Whisper checkpoint (expected dims and model_state_dict, "
-                               f"found {keys})")
+        raise ModelFormatError(
+            f"{path}: not an OpenAI Whisper checkpoint (expected dims and model_state_dict, found {keys})"
+        )
     try:
         dims = ModelDimensions.from_dict(dict(obj["dims"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFormatError(f"{path}: bad dims ({exc})") from None
     state = obj["model_state_dict"]
     heads = obj.get("alignment_heads", state.get("alignment_heads"))
-    return Checkpoint(dims, openai_to_mlx_weights(state), parse_alignment_heads(heads, dims),
-                      source_format="openai")
+    return Checkpoint(dims, openai_to_mlx_weights(state), parse_alignment_heads(heads, dims), source_format="openai")
 
 
 def write_openai_pt(checkpoint: Checkpoint, path: str | Path) -> Path:
@@ -225,8 +234,10 @@ def write_openai_pt(checkpoint: Checkpoint, path: str | Path) -> Path:
     from .mlx import dequantize_checkpoint
 
     checkpoint = dequantize_checkpoint(checkpoint)
-    obj = {"dims": checkpoint.dims.to_dict(),
-           "model_state_dict": mlx_to_openai_weights(checkpoint.weights, checkpoint.dims)}
+    obj: dict[str, Any] = {
+        "dims": checkpoint.dims.to_dict(),
+        "model_state_dict": mlx_to_openai_weights(checkpoint.weights, checkpoint.dims),
+    }
     if checkpoint.alignment_heads is not None:
         obj["alignment_heads"] = np.asarray(checkpoint.alignment_heads, dtype=np.int64).reshape(-1, 2)
     path = Path(path)

@@ -17,9 +17,15 @@ from pathlib import Path
 import numpy as np
 
 _STORAGE_NAMES = {
-    np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage", np.dtype(np.float64): "DoubleStorage",
-    np.dtype(np.int64): "LongStorage", np.dtype(np.int32): "IntStorage", np.dtype(np.int16): "ShortStorage",
-    np.dtype(np.int8): "CharStorage", np.dtype(np.uint8): "ByteStorage", np.dtype(np.bool_): "BoolStorage",
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(np.float64): "DoubleStorage",
+    np.dtype(np.int64): "LongStorage",
+    np.dtype(np.int32): "IntStorage",
+    np.dtype(np.int16): "ShortStorage",
+    np.dtype(np.int8): "CharStorage",
+    np.dtype(np.uint8): "ByteStorage",
+    np.dtype(np.bool_): "BoolStorage",
 }
 
 MARK, STOP, TUPLE, EMPTY_TUPLE, REDUCE, BINPERSID = b"(", b".", b"t", b")", b"R", b"Q"
@@ -28,7 +34,7 @@ NONE, NEWTRUE, NEWFALSE = b"N", b"\x88", b"\x89"
 
 
 class _PickleEmitter:
-    def __init__(self):
+    def __init__(self) -> None:
         self.out = bytearray(b"\x80\x02")  # PROTO 2
         self.storages: list[tuple[str, bytes]] = []
 

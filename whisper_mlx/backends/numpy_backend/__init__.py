@@ -60,8 +60,10 @@ class NumpyBackend:
         """The weights were replaced (or are read the first time): still plain float32 on the CPU?"""
         reason = unsupported_reason(self.model)
         if reason is not None:
-            raise BackendError(f"the numpy backend cannot run this model: {reason} "
-                               "(load it with backend='mlx', or choose the backend after quantizing)")
+            raise BackendError(
+                f"the numpy backend cannot run this model: {reason} "
+                "(load it with backend='mlx', or choose the backend after quantizing)"
+            )
 
     def encode(self, mels) -> np.ndarray:
         mels = np.asarray(mels, dtype=np.float32)

@@ -96,8 +96,13 @@ def has_exp() -> bool:
 
 def exp_into(x: np.ndarray, out: np.ndarray) -> None:
     """out = exp(x) elementwise (x and out may be one array): MKL's when has_exp(), else numpy's."""
-    if has_exp() and x.dtype == out.dtype == np.float32 and x.flags.c_contiguous and out.flags.c_contiguous \
-            and x.shape == out.shape:
+    if (
+        has_exp()
+        and x.dtype == out.dtype == np.float32
+        and x.flags.c_contiguous
+        and out.flags.c_contiguous
+        and x.shape == out.shape
+    ):
         _blas().vmsExp(x.size, x.ctypes.data, out.ctypes.data, _VML_HA_FTZ)
     else:
         np.exp(x, out=out)
@@ -105,8 +110,13 @@ def exp_into(x: np.ndarray, out: np.ndarray) -> None:
 
 def _row_major(a: np.ndarray) -> bool:
     """A float32 matrix the BLAS can read in place: unit column stride, rows a whole number of floats apart."""
-    return (a.dtype == np.float32 and a.flags.aligned and a.strides[-1] == 4 and a.strides[-2] % 4 == 0
-            and a.strides[-2] >= 4 * a.shape[-1])
+    return (
+        a.dtype == np.float32
+        and a.flags.aligned
+        and a.strides[-1] == 4
+        and a.strides[-2] % 4 == 0
+        and a.strides[-2] >= 4 * a.shape[-1]
+    )
 
 
 def _operand(b: np.ndarray) -> tuple[np.ndarray, int, int] | None:
@@ -132,8 +142,22 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     rows, inner = a.shape
     out = np.empty((rows, b.shape[1]), np.float32) if out is None else out
     data, trans, ldb = operand
-    lib.cblas_sgemm(_ROW_MAJOR, _NO_TRANS, trans, rows, b.shape[1], inner, 1.0, a.ctypes.data, a.strides[0] // 4,
-                    data.ctypes.data, ldb, 0.0, out.ctypes.data, b.shape[1])
+    lib.cblas_sgemm(
+        _ROW_MAJOR,
+        _NO_TRANS,
+        trans,
+        rows,
+        b.shape[1],
+        inner,
+        1.0,
+        a.ctypes.data,
+        a.strides[0] // 4,
+        data.ctypes.data,
+        ldb,
+        0.0,
+        out.ctypes.data,
+        b.shape[1],
+    )
     return out
 
 
@@ -156,8 +180,18 @@ class PackedOperand:
         self.inner, self.width = b.shape
         size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, PACK_ROWS, self.width, self.inner)
         self.buffer = np.empty(size, np.uint8)  # numpy never moves it (MKL's packed data must stay put)
-        lib.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _NO_TRANS, PACK_ROWS, self.width, self.inner, 1.0, b.ctypes.data,
-                             self.width, self.buffer.ctypes.data)
+        lib.cblas_sgemm_pack(
+            _ROW_MAJOR,
+            _B_MATRIX,
+            _NO_TRANS,
+            PACK_ROWS,
+            self.width,
+            self.inner,
+            1.0,
+            b.ctypes.data,
+            self.width,
+            self.buffer.ctypes.data,
+        )
 
     @classmethod
     def available(cls) -> bool:
@@ -171,7 +205,19 @@ class PackedOperand:
             raise ValueError(f"cannot multiply {a.shape} by the packed ({self.inner}, {self.width})")
         out = np.empty((a.shape[0], self.width), np.float32)
         if a.shape[0]:
-            _blas().cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, a.shape[0], self.width, self.inner,
-                                        a.ctypes.data, self.inner, self.buffer.ctypes.data, self.width, 0.0,
-                                        out.ctypes.data, self.width)
+            _blas().cblas_sgemm_compute(
+                _ROW_MAJOR,
+                _NO_TRANS,
+                _PACKED,
+                a.shape[0],
+                self.width,
+                self.inner,
+                a.ctypes.data,
+                self.inner,
+                self.buffer.ctypes.data,
+                self.width,
+                0.0,
+                out.ctypes.data,
+                self.width,
+            )
         return out

@@ -19,6 +19,7 @@ from .schedule import run_blocks, worker_count, workers
 ATTENTION_BLOCK_ROWS = 256  # query rows per block: 256 x 1500 float32 scores = 1.5 MB
 GELU_BLOCK_ELEMENTS = 1 << 16  # 256 KB of float32 per block
 
+
 def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, length, size)]
 
@@ -43,8 +44,14 @@ def _shift_rows(scores: np.ndarray, q: np.ndarray, key_norm: float | None) -> No
         scores -= np.where(shifted, top, np.float32(0))
 
 
-def _attend_block(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndarray,
-                  mask: np.ndarray | None = None, key_norm: float | None = None) -> None:
+def _attend_block(
+    q: np.ndarray,
+    keys_t: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    mask: np.ndarray | None = None,
+    key_norm: float | None = None,
+) -> None:
     """out = softmax(q keys_t + mask) v, for one block or a stack of blocks.
 
     A row whose largest score is in [0, SOFTMAX_UNSHIFTED_MAX), or whose scores are bounded below it
@@ -98,7 +105,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
     (the layout of the projections), returned in the same layout."""
     batch, length, width = q.shape
     head_dim = width // n_head
-    q = q * np.float32(head_dim ** -0.5)
+    q = q * np.float32(head_dim**-0.5)
     k = np.ascontiguousarray(k)
     out = np.empty_like(q)
     tasks = []
@@ -108,8 +115,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -> np.nd
             keys_t = np.ascontiguousarray(k[b, :, cols]).T
             value, key_norm = _summing_values(v[b, :, cols]), _largest_norm(keys_t)
             for rows in _blocks(length, ATTENTION_BLOCK_ROWS):
-                tasks.append(partial(_attend_block, q[b, rows, cols], keys_t, value, out[b, rows, cols],
-                                     key_norm=key_norm))
+                tasks.append(
+                    partial(_attend_block, q[b, rows, cols], keys_t, value, out[b, rows, cols], key_norm=key_norm)
+                )
     run_blocks(tasks)
     return out
 
@@ -127,9 +135,20 @@ def _attend_heads(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, mask: np.nda
     tokens, one block of cross-attention, one thread: 1.25 -> ~0.9 ms with the summing column)."""
     batch, n_head = q.shape[:2]
     out = np.empty(q.shape, np.float32)
-    run_blocks([partial(_attend_head, q[b, h], keys_t[b, h], v[b, h], out[b, h],
-                        None if mask is None else mask[min(b, mask.shape[0] - 1), 0])
-                for b in range(batch) for h in range(n_head)])
+    run_blocks(
+        [
+            partial(
+                _attend_head,
+                q[b, h],
+                keys_t[b, h],
+                v[b, h],
+                out[b, h],
+                None if mask is None else mask[min(b, mask.shape[0] - 1), 0],
+            )
+            for b in range(batch)
+            for h in range(n_head)
+        ]
+    )
     return out
 
 
@@ -164,8 +183,9 @@ def attend(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarr
     out = np.empty(q.shape, np.float32)
 
     def rows(part: slice) -> None:
-        _attend_block(q[part], keys_t[part], values[part], out[part],
-                      mask if mask is None or mask.shape[0] == 1 else mask[part])
+        _attend_block(
+            q[part], keys_t[part], values[part], out[part], mask if mask is None or mask.shape[0] == 1 else mask[part]
+        )
 
     if q.shape[0] < STEP_SPLIT_MIN_ROWS or worker_count() < 2:
         _attend_block(q, keys_t, values, out, mask)
@@ -186,8 +206,9 @@ def _values_by_head(audio: np.ndarray, weight: np.ndarray, bias: np.ndarray | No
     out[...] = projected.reshape(frames, n_head, head_dim).transpose(1, 0, 2)
 
 
-def cross_keys_values(audio: np.ndarray, key_weight: np.ndarray, value_weight: np.ndarray,
-                      value_bias: np.ndarray | None, n_head: int) -> tuple[np.ndarray, np.ndarray]:
+def cross_keys_values(
+    audio: np.ndarray, key_weight: np.ndarray, value_weight: np.ndarray, value_bias: np.ndarray | None, n_head: int
+) -> tuple[np.ndarray, np.ndarray]:
     """A decoder layer's cross-attention cache of encoded windows (B, T, width), in the layouts the
     decoding steps read: keys scaled by 1/√d and transposed (B, H, D, T), which one product per window
     writes directly ((H·D, T) is that layout), and values (B, H, T, D), one product per window and a
@@ -195,7 +216,7 @@ def cross_keys_values(audio: np.ndarray, key_weight: np.ndarray, value_weight: n
     15 ms so)."""
     batch, frames, width = audio.shape
     head_dim = width // n_head
-    key_weight = key_weight * np.float32(head_dim ** -0.5)
+    key_weight = key_weight * np.float32(head_dim**-0.5)
     keys_t = np.empty((batch, n_head, head_dim, frames), np.float32)
     values = np.empty((batch, n_head, frames, head_dim), np.float32)
     tasks = []
@@ -250,8 +271,10 @@ def gelu(x: np.ndarray) -> np.ndarray:
     """Exact (erf) GELU of a float32 array, blockwise over the worker threads."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty_like(flat)
-    tasks = [partial(_gelu_block, flat[i:i + GELU_BLOCK_ELEMENTS], out[i:i + GELU_BLOCK_ELEMENTS])
-             for i in range(0, flat.size, GELU_BLOCK_ELEMENTS)]
+    tasks = [
+        partial(_gelu_block, flat[i : i + GELU_BLOCK_ELEMENTS], out[i : i + GELU_BLOCK_ELEMENTS])
+        for i in range(0, flat.size, GELU_BLOCK_ELEMENTS)
+    ]
     run_blocks(tasks)
     return out.reshape(x.shape)
 
@@ -273,7 +296,9 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
     hidden activations stay in cache between the two matmuls and the GELU."""
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     out = np.empty((rows.shape[0], w2.shape[0]), np.float32)
-    tasks = [partial(_mlp_block, rows[i:i + MLP_BLOCK_ROWS], w1, b1, w2, b2, out[i:i + MLP_BLOCK_ROWS])
-             for i in range(0, rows.shape[0], MLP_BLOCK_ROWS)]
+    tasks = [
+        partial(_mlp_block, rows[i : i + MLP_BLOCK_ROWS], w1, b1, w2, b2, out[i : i + MLP_BLOCK_ROWS])
+        for i in range(0, rows.shape[0], MLP_BLOCK_ROWS)
+    ]
     run_blocks(tasks)
     return out.reshape(*x.shape[:-1], w2.shape[0])

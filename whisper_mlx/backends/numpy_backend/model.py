@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import cast, overload
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,8 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ...whisper import merge_heads, split_heads  # reshapes that serve numpy arrays as well
-from . import blas
-from . import kernels
+from . import blas, kernels
 from .schedule import run_whole, worker_count
 
 NEG_INF = np.float32(-np.inf)
@@ -45,6 +45,10 @@ def affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.nda
     return out
 
 
+@overload
+def _np(array: mx.array) -> np.ndarray: ...
+@overload
+def _np(array: None) -> None: ...
 def _np(array: mx.array | None) -> np.ndarray | None:
     return None if array is None else np.asarray(array)
 
@@ -55,7 +59,7 @@ class HostLinear:
     bias: np.ndarray | None
 
     @classmethod
-    def of(cls, layer: nn.Linear) -> "HostLinear":
+    def of(cls, layer: nn.Linear) -> HostLinear:
         return cls(_np(layer.weight), _np(layer.bias) if "bias" in layer else None)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -69,7 +73,7 @@ class HostNorm:
     eps: float
 
     @classmethod
-    def of(cls, norm: nn.LayerNorm) -> "HostNorm":
+    def of(cls, norm: nn.LayerNorm) -> HostNorm:
         return cls(_np(norm.weight), _np(norm.bias), norm.eps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -86,13 +90,14 @@ class HostMLP:
     mlp2: HostLinear
 
     @classmethod
-    def of(cls, block) -> "HostMLP":
+    def of(cls, block) -> HostMLP:
         return cls(HostNorm.of(block.mlp_ln), HostLinear.of(block.mlp1), HostLinear.of(block.mlp2))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         hidden = self.ln(x)
         if hidden.shape[0] * hidden.shape[1] > kernels.MLP_BLOCK_ROWS:
-            return kernels.mlp(hidden, self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias)
+            b1, b2 = cast(np.ndarray, self.mlp1.bias), cast(np.ndarray, self.mlp2.bias)  # MLP layers have biases
+            return kernels.mlp(hidden, self.mlp1.weight, b1, self.mlp2.weight, b2)
         return self.mlp2(kernels.gelu(self.mlp1(hidden)))
 
 
@@ -101,12 +106,13 @@ def fused_qkv(attn) -> HostLinear:
     has no bias: zeros)."""
     width = attn.query.weight.shape[0]
     biases = [_np(attn.query.bias), np.zeros(width, np.float32), _np(attn.value.bias)]
-    return HostLinear(np.concatenate([_np(attn.query.weight), _np(attn.key.weight), _np(attn.value.weight)]),
-                      np.concatenate(biases))
+    return HostLinear(
+        np.concatenate([_np(attn.query.weight), _np(attn.key.weight), _np(attn.value.weight)]), np.concatenate(biases)
+    )
 
 
 def parameter_arrays(module) -> list[mx.array]:
-    return [array for _, array in tree_flatten(module.parameters())]
+    return [array for _, array in cast(list[tuple[str, mx.array]], tree_flatten(module.parameters()))]
 
 
 @dataclass(frozen=True)
@@ -125,19 +131,30 @@ class HostLayer:
     mlp: HostMLP
 
     @classmethod
-    def of(cls, block) -> "HostLayer":
+    def of(cls, block) -> HostLayer:
         attn, cross = block.attn, block.cross_attn
-        return cls(attn.n_head, HostNorm.of(block.attn_ln), fused_qkv(attn), HostLinear.of(attn.out),
-                   HostNorm.of(block.cross_attn_ln), HostLinear.of(cross.query), HostLinear.of(cross.out),
-                   _np(cross.key.weight), HostLinear.of(cross.value), HostMLP.of(block))
+        return cls(
+            attn.n_head,
+            HostNorm.of(block.attn_ln),
+            fused_qkv(attn),
+            HostLinear.of(attn.out),
+            HostNorm.of(block.cross_attn_ln),
+            HostLinear.of(cross.query),
+            HostLinear.of(cross.out),
+            _np(cross.key.weight),
+            HostLinear.of(cross.value),
+            HostMLP.of(block),
+        )
 
     def cross_cache(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(keys scaled and transposed (B, H, D, T), values (B, H, T, D)) of encoded windows."""
-        return kernels.cross_keys_values(audio, self.cross_key_weight, self.cross_value.weight,
-                                             self.cross_value.bias, self.n_head)
+        return kernels.cross_keys_values(
+            audio, self.cross_key_weight, self.cross_value.weight, self.cross_value.bias, self.n_head
+        )
 
-    def __call__(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None,
-                 keep: list[int] | None = None):
+    def __call__(
+        self, x: np.ndarray, state: HostDecoderState, index: int, mask: np.ndarray | None, keep: list[int] | None = None
+    ):
         """The block over new tokens x (B, L, n_state); every position writes its keys/values, and with
         `keep` only those positions go on (attention outputs, cross-attention, MLP)."""
         attended = self.self_attention(self.attn_ln(x), state, index, mask, keep)
@@ -146,8 +163,9 @@ class HostLayer:
         x = x + self.cross_out(merge_heads(kernels.cross_attention(query, *state.cross_kv[index])))
         return x + self.mlp(x)
 
-    def self_attention(self, x: np.ndarray, state: "HostDecoderState", index: int, mask: np.ndarray | None,
-                       keep: list[int] | None = None):
+    def self_attention(
+        self, x: np.ndarray, state: HostDecoderState, index: int, mask: np.ndarray | None, keep: list[int] | None = None
+    ):
         q, k, v = np.split(split_heads(self.qkv(x), 3 * self.n_head), 3, axis=1)
         keys, values = state.append(index, k, v)
         if keep is not None:
@@ -169,9 +187,14 @@ class HostEncoderLayer:
     mlp: HostMLP
 
     @classmethod
-    def of(cls, block) -> "HostEncoderLayer":
-        return cls(block.attn.n_head, HostNorm.of(block.attn_ln), fused_qkv(block.attn), HostLinear.of(block.attn.out),
-                   HostMLP.of(block))
+    def of(cls, block) -> HostEncoderLayer:
+        return cls(
+            block.attn.n_head,
+            HostNorm.of(block.attn_ln),
+            fused_qkv(block.attn),
+            HostLinear.of(block.attn.out),
+            HostMLP.of(block),
+        )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         q, k, v = np.split(self.qkv(self.attn_ln(x)), 3, axis=-1)
@@ -195,8 +218,10 @@ class HostEncoder:
 
     def __init__(self, encoder):
         self.sources = parameter_arrays(encoder)
-        self.convs = [(_np(conv.weight), _np(conv.bias) if "bias" in conv else None, conv.stride)
-                      for conv in (encoder.conv1, encoder.conv2)]
+        self.convs = [
+            (_np(conv.weight), _np(conv.bias) if "bias" in conv else None, conv.stride)
+            for conv in (encoder.conv1, encoder.conv2)
+        ]
         self.positional_embedding = _np(encoder._positional_embedding)
         self.layers = [HostEncoderLayer.of(block) for block in encoder.blocks]
         self.ln_post = HostNorm.of(encoder.ln_post)
@@ -207,8 +232,9 @@ class HostEncoder:
         for weight, bias, stride in self.convs:
             x = kernels.gelu(conv1d(x, weight, bias, stride))
         if x.shape[1] != self.positional_embedding.shape[0]:
-            raise ValueError(f"incorrect audio shape: {x.shape[1]} frames after conv, expected "
-                             f"{self.positional_embedding.shape[0]}")
+            raise ValueError(
+                f"incorrect audio shape: {x.shape[1]} frames after conv, expected {self.positional_embedding.shape[0]}"
+            )
         x += self.positional_embedding
         for layer in self.layers:
             x = layer(x)
@@ -232,7 +258,7 @@ PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see
 class HostDecoder:
     """The decoder's weights as numpy views, and its forward pass over a HostDecoderState."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder) -> None:
         self.sources = parameter_arrays(decoder)
         self.token_embedding = _np(decoder.token_embedding.weight)  # (n_vocab, n_state)
         self.positional_embedding = _np(decoder.positional_embedding)
@@ -242,14 +268,20 @@ class HostDecoder:
         self.embedding_t = np.ascontiguousarray(self.token_embedding.T)
         self._packed_embedding: blas.PackedOperand | None = None
 
-    def new_state(self, audio_features: np.ndarray, pad: np.ndarray, max_len: int) -> "HostDecoderState":
+    def new_state(self, audio_features: np.ndarray, pad: np.ndarray, max_len: int) -> HostDecoderState:
         audio = np.ascontiguousarray(audio_features, dtype=np.float32)
         cross_kv = [layer.cross_cache(audio) for layer in self.layers]
         head = self.layers[0]
-        return HostDecoderState(self, cross_kv, np.asarray(pad, np.int64), head.n_head,
-                                head.attn_out.weight.shape[0] // head.n_head, max_len)
+        return HostDecoderState(
+            self,
+            cross_kv,
+            np.asarray(pad, np.int64),
+            head.n_head,
+            head.attn_out.weight.shape[0] // head.n_head,
+            max_len,
+        )
 
-    def hidden(self, tokens: np.ndarray, state: "HostDecoderState", keep: list[int] | None = None) -> np.ndarray:
+    def hidden(self, tokens: np.ndarray, state: HostDecoderState, keep: list[int] | None = None) -> np.ndarray:
         """Final-layer-normed hidden states (B, L, n_state) of new tokens (B, L), or (B, len(keep),
         n_state) of the positions in `keep` (the last layer then skips the others' attention outputs and
         MLP: a prompt of ~220 tokens only needs two); updates the caches."""
@@ -279,8 +311,7 @@ class HostDecoderState:
     """Per batch of windows: self-attention caches (preallocated, written in place), cross-attention
     keys/values, and the left padding of each row's prompt."""
 
-    def __init__(self, decoder: HostDecoder, cross_kv: list, pad: np.ndarray, n_head: int, head_dim: int,
-                 max_len: int):
+    def __init__(self, decoder: HostDecoder, cross_kv: list, pad: np.ndarray, n_head: int, head_dim: int, max_len: int):
         batch = pad.shape[0]
         self.decoder = decoder  # the weights this state's caches were made with
         self.keys = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
@@ -320,7 +351,7 @@ class HostDecoderState:
         rows = np.asarray(rows)
         if len(rows) and np.all(np.diff(rows) > 0):
             moves = [(dst, int(src)) for dst, src in enumerate(rows) if dst != src]
-            kept = slice(0, len(rows))
+            kept: slice | np.ndarray = slice(0, len(rows))
             arrays = [*self.keys, *self.values, *(a for pair in self.cross_kv for a in pair)]
             for array in arrays:
                 for dst, src in moves:  # src > dst: a row is read before anything overwrites it

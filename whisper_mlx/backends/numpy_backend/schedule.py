@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -32,8 +32,9 @@ def workers() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     with _lock:
         if _pool is None or _pool_pid != os.getpid():  # a forked child has none of the parent's threads
-            _pool = ThreadPoolExecutor(worker_count(), thread_name_prefix="whisper-mlx-cpu",
-                                       initializer=blas.use_one_thread_here)
+            _pool = ThreadPoolExecutor(
+                worker_count(), thread_name_prefix="whisper-mlx-cpu", initializer=blas.use_one_thread_here
+            )
             _pool_pid = os.getpid()
         return _pool
 
@@ -119,7 +120,7 @@ class BackgroundEncoder:
         self._encoder = encoder
         self._mels = dict(mels)  # window key -> (frames, n_mels) float32, read before the thread starts
         self._waiting = list(mels)  # not started yet, in order
-        self._results = {key: Future() for key in mels}
+        self._results: dict[Hashable, Future[np.ndarray]] = {key: Future() for key in mels}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="whisper-mlx-encode-ahead", daemon=True)
         self._thread.start()
@@ -174,5 +175,3 @@ class BackgroundEncoder:
                 self._results[key].cancel()
             self._waiting.clear()
         self._thread.join()
-
-
