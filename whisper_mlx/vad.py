@@ -12,11 +12,7 @@ CUT_SMOOTH_FRAMES = 30  # 0.3 s moving average when choosing where to cut
 MIN_SKIPPED_SILENCE = 2 * FRAMES_PER_SECOND  # only silences this long are left undecoded
 SPEECH_PAD = 30  # frames of context kept around speech (0.3 s)
 LANE_CUT_SEARCH = 5 * FRAMES_PER_SECOND  # a lane boundary moves at most 5 s to find a pause
-# Shorter lanes put more rows in each decoding step (fewer steps over the file); each lane start loses
-# the previous text (see transcribe.prime_lanes). alice_ch1, tiny.en, lanes primed with the opening
-# window: 45 s WER 11.9%, 60 s 10.9%, 90 s 11.4% (cold 120 s lanes: 11.0%, sequential 11.5%). Later,
-# with the whole-window encoder: 52 s 12.4% (383 steps against 459, times within the VM's noise),
-# 56 s 12.6%, 70 s 10.8% but 516 steps (5 lanes, 12.2-13.7 s against 11.0-11.9 s), 84 s 11.4%, 608 steps.
+# Shorter lanes put more rows in each step, but each lane start loses the previous text (transcribe.prime_lanes).
 MIN_LANE_FRAMES = 60 * FRAMES_PER_SECOND
 
 

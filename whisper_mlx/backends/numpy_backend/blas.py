@@ -1,17 +1,14 @@
 """Matrix products (and MKL's vectorised exp and normal CDF) on numpy arrays through the BLAS that
 runtime.py preloaded for MLX.
 
-numpy's wheels bring their own OpenBLAS, whose kernels for a few rows are slow: a decoding step's
-(3, 384) x (384, 1536) product takes ~0.3 ms there and ~0.1 ms in MKL; the (3, 384) x (384, 51864)
-logits ~12 ms against ~1.9 ms. The host decoder's products therefore call the preloaded library's
-cblas_sgemm directly (ctypes, a few µs per call). Without a preloaded BLAS
-(or for other dtypes and layouts) the same functions fall back to numpy. With MKL, the logits of
-several rows read a packed copy of the embedding (PackedOperand).
+numpy's wheels bring their own OpenBLAS, whose kernels for a few rows (a decoding step's products and
+logits) are slow. The host decoder's products therefore call the preloaded library's cblas_sgemm
+directly (ctypes). Without a preloaded BLAS (or for other dtypes and layouts) the same functions fall
+back to numpy. With MKL, the logits of several rows read a packed copy of the embedding (PackedOperand).
 
-MKL's vector math library also has the normal CDF, Φ, for the exact GELU x Φ(x): one SIMD pass,
-~1 ns per element, against ~7-14 ns for the ~20 numpy passes of kernels.py's erf approximation; and
-exp, for the attention's softmax: 0.21 ns per element against numpy's 0.71 (max relative error 6.7e-8
-against numpy's 1.9e-7).
+MKL's vector math library also has the normal CDF, Φ, for the exact GELU x Φ(x): one SIMD pass instead
+of the ~20 numpy passes of kernels.py's erf approximation; and exp, for the attention's softmax, faster
+and more accurate than numpy's.
 """
 
 from __future__ import annotations
@@ -67,15 +64,13 @@ _VECTOR_FUNCTIONS = ("vmsCdfNorm", "vmsExp")
 def use_one_thread_here() -> None:
     """MKL runs on the calling thread only, from now on (for kernels.py's workers, which share the
     cores out among themselves). MKL's global thread count, which threadpoolctl sets, did not keep its
-    calls from worker threads off other threads: one encoder layer's attention with MKL's products
-    took 63-82 ms against 38 with numpy's, and 36 with MKL held to the calling thread."""
+    calls from worker threads off other threads."""
     lib = _blas()
     if lib is not None and hasattr(lib, "MKL_Set_Num_Threads_Local"):
         lib.MKL_Set_Num_Threads_Local(1)
 
 
-# high accuracy, and results below float32's normal range flushed to zero: a denormal GELU output (x below
-# ~-13, common in the last encoder layer) makes the next matrix product ~10x slower
+# high accuracy, and results below float32's normal range flushed to zero: denormals slow the next product
 _VML_HA_FTZ = 0x00000002 | 0x00280000
 
 
@@ -161,17 +156,15 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return out
 
 
-# the row count MKL lays a packed copy out for (packed for 1 row, 6-row products ran 7.2 ms, not 4.5)
+# the row count MKL lays a packed copy out for (a copy packed for 1 row made 6-row products slower)
 PACK_ROWS = 8
 
 
 class PackedOperand:
     """A right operand b (k, n) copied once into MKL's packed layout (cblas_sgemm_pack), for many
-    products with a few rows: the decoder's logits. MKL's products of a few rows run faster from the
-    packed copy (measured, not explained here): (6 x 384) x (384 x 51864) with cold caches takes
-    ~4.5 ms against ~6.6-7.7 (2 rows 3.9 against 5.2; one row is slower: 5-6 ms against 2.9). The
-    copy is larger than b (140 MB for tiny.en's 80 MB embedding), and the results are the plain
-    product's, bit for bit."""
+    products with a few rows: the decoder's logits. MKL's products of 2 or more rows run faster from
+    the packed copy (measured, not explained here; one row runs slower). The copy is larger than b,
+    and the results are the plain product's, bit for bit."""
 
     def __init__(self, b: np.ndarray):
         if not self.available() or not _row_major(b) or b.strides[0] != 4 * b.shape[1]:

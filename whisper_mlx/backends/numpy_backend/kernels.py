@@ -31,8 +31,7 @@ def _shift_rows(scores: np.ndarray, q: np.ndarray, key_norm: float | None) -> No
     """Subtract its largest score from each row that needs it before exp (see _attend_block).
 
     With key_norm (the largest key norm, no mask) a row whose scores are bounded, |q·k| <= |q| key_norm
-    < SOFTMAX_UNSHIFTED_MAX, needs no max at all: every tiny.en encoder row is, and the max pass was
-    ~7% of a block."""
+    < SOFTMAX_UNSHIFTED_MAX, needs no max at all (every tiny.en encoder row is)."""
     unsure = True
     if key_norm is not None:
         unsure = np.sqrt(np.square(q).sum(axis=-1, keepdims=True)) * np.float32(key_norm) >= SOFTMAX_UNSHIFTED_MAX
@@ -58,9 +57,8 @@ def _attend_block(
     in magnitude (key_norm), goes to exp unshifted (softmax is shift-invariant; no overflow, and no
     exponent low enough for a denormal): when all rows are, one pass fewer. When v is wider than out,
     its column out.shape[-1] is ones (the encoder's values, see `attention`): the product with it gives
-    each row's sum too, no summing pass (~0.15 ms of ~1.1 per 256-row block). A block's products and
-    exp go to MKL when it is preloaded (host_blas; one 256-row encoder block, one thread: 1.63 -> 1.42
-    ms)."""
+    each row's sum too, no summing pass. A block's products and exp go to MKL when it is preloaded
+    (host_blas)."""
     scores = blas.matmul(q, keys_t)
     if mask is not None:
         scores += mask
@@ -76,8 +74,7 @@ def _attend_block(
     out /= total
 
 
-# MKL's product of a 256 x 1500 block by values of width 65 (64 + the ones column) took 577 us, of
-# width 80 399 us (72: 422, 96: 469): the values are padded with zero columns to a multiple of this.
+# the values are zero-padded to a multiple of this width: MKL's products with such widths run faster
 VALUE_WIDTH_MULTIPLE = 16
 
 
@@ -131,8 +128,8 @@ def _attend_head(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, out: np.ndarr
 
 def _attend_heads(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """softmax(q keys_t + mask) v on scaled (B, H, L, D) queries, (B, H, D, S) keys, (B, H, S, D)
-    values and a (1 or B, 1, L, S) mask, one task per head (a prompt's prefill: 6 rows x ~200
-    tokens, one block of cross-attention, one thread: 1.25 -> ~0.9 ms with the summing column)."""
+    values and a (1 or B, 1, L, S) mask, one task per head (a prompt's prefill), with the summing
+    column."""
     batch, n_head = q.shape[:2]
     out = np.empty(q.shape, np.float32)
     run_blocks(
@@ -155,7 +152,7 @@ def _attend_heads(q: np.ndarray, keys_t: np.ndarray, v: np.ndarray, mask: np.nda
 def masked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """softmax(q kᵀ / √d + mask) v on (B, H, L, D) queries and (B, H, S, D) keys/values, with an
     additive mask of shape (1 or B, 1, L, S): the decoder's self-attention over a prompt, in
-    cache-sized blocks over the workers (MLX's scalar softmax: ~40 ms per tiny layer at 3 x 228)."""
+    cache-sized blocks over the workers (MLX's softmax on the CPU is scalar and single-threaded)."""
     return _attend_heads(q * np.float32(q.shape[-1] ** -0.5), k.swapaxes(-1, -2), v, mask)
 
 
@@ -169,9 +166,7 @@ def cross_attention(q: np.ndarray, scaled_keys_t: np.ndarray, values: np.ndarray
     return attend(q, scaled_keys_t, values)
 
 
-# A step's attention streams each row's keys/values from memory (18 MB of cross-attention per tiny row
-# over the layers), and two cores stream ~1.7x what one does: from this many rows, half of them go to a
-# worker (cross-attention, cold caches, 6 rows: 15.7 -> 11.8 ms a step; 4 rows: 11.8 -> 9.0; 2: no gain).
+# A step's attention is memory-bound and two cores stream more than one: from this many rows, half go to a worker.
 STEP_SPLIT_MIN_ROWS = 3
 
 
@@ -212,8 +207,7 @@ def cross_keys_values(
     """A decoder layer's cross-attention cache of encoded windows (B, T, width), in the layouts the
     decoding steps read: keys scaled by 1/√d and transposed (B, H, D, T), which one product per window
     writes directly ((H·D, T) is that layout), and values (B, H, T, D), one product per window and a
-    copy that splits the heads (tiny, 3 windows, one layer: 21 ms as 6 narrow products per window,
-    15 ms so)."""
+    copy that splits the heads (faster than one narrow product per head)."""
     batch, frames, width = audio.shape
     head_dim = width // n_head
     key_weight = key_weight * np.float32(head_dim**-0.5)
@@ -233,9 +227,7 @@ _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
-# Inputs are clamped at -GELU_CLAMP for Φ: the output there is ~1e-22 x instead of ~0 (MLX's own
-# float32 GELU is exactly 0 below ~-5.5), but no product comes near float32's denormal range, where a
-# matrix product of the outputs runs ~10x slower (the last tiny.en encoder layer has inputs near -100).
+# Φ's inputs are clamped at -GELU_CLAMP so that no output is a denormal, which would slow the next matrix product.
 GELU_CLAMP = 10.0
 
 

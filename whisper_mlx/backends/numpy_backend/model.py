@@ -243,9 +243,8 @@ class HostEncoder:
     def encode_windows(self, mels: np.ndarray) -> np.ndarray:
         """(B, n_frames, n_mels) -> (B, n_audio_ctx, n_state), one window at a time as __call__
         does, but as many windows at once as there are worker threads, each whole on one of them:
-        a window's blocks share two cores less well than whole windows do (tiny.en, 6 windows:
-        ~235-265 -> ~200-210 ms a window). A window left over is encoded alone over all the
-        workers. Each window's output is the same bits either way (test)."""
+        a window's blocks share two cores less well than whole windows do. A window left over is
+        encoded alone over all the workers. Each window's output is the same bits either way (test)."""
         whole = len(mels) - len(mels) % worker_count()
         encoded = run_whole([partial(self, mels[i : i + 1]) for i in range(whole)])
         encoded += [self(mels[i : i + 1]) for i in range(whole, len(mels))]
@@ -346,8 +345,8 @@ class HostDecoderState:
 
     def take(self, rows: np.ndarray) -> None:
         """Keep only `rows` (compaction after rows finish). Ascending rows move forward inside the
-        buffers they are in (only the rows after the first dropped one are copied, and no new ~100 MB
-        of cross-attention is allocated: the copies were ~0.2 s of alice_ch1)."""
+        buffers they are in (only the rows after the first dropped one are copied, and no new
+        cross-attention arrays are allocated)."""
         rows = np.asarray(rows)
         if len(rows) and np.all(np.diff(rows) > 0):
             moves = [(dst, int(src)) for dst, src in enumerate(rows) if dst != src]
