@@ -59,7 +59,7 @@ def backend(monkeypatch):
     monkeypatch.setattr(cli, "load_model", fake.load_model)
     monkeypatch.setattr(cli, "transcribe", fake.transcribe)
     monkeypatch.setattr(cli, "default_model_path", lambda: "/offline/tiny.en")
-    monkeypatch.setattr(cli, "backend_summary", lambda model: "backend fake")
+    monkeypatch.setattr(cli, "backend_summary", lambda model: "fake")
     return fake
 
 
@@ -263,10 +263,10 @@ def test_backend_flag_reaches_the_loader_and_is_reported(backend, tmp_path, caps
     audio = _audio(tmp_path / "a.wav")
     assert cli.main([audio, "--backend", "numpy", "-o", str(tmp_path / "o")]) == 0
     assert backend.backend == "numpy"
-    assert "whisper_mlx: backend fake" in capsys.readouterr().err
+    assert "Backend: fake" in capsys.readouterr().out
     assert cli.main([audio, "-o", str(tmp_path / "p"), "--quiet"]) == 0
     assert backend.backend is None  # the library's choice: WHISPER_MLX_BACKEND or auto
-    assert "backend" not in capsys.readouterr().err
+    assert "Backend" not in capsys.readouterr().out
 
 
 def test_output_name_and_all_formats(backend, tmp_path):

@@ -167,5 +167,5 @@ def test_backend_flag_transcribes_and_reports_the_backend(tiny_en_dir, tmp_path,
         str(DATA / "jfk.flac"), "--model", tiny_en_dir, "--backend", backend, "-f", "txt", "-o", str(tmp_path)
     )
     assert done.returncode == 0, done.stderr
-    assert re.search(rf"whisper_mlx: backend {backend} on (cpu|metal|cuda) \((float32|float16)\)", done.stderr)
+    assert re.search(rf"Backend: {backend} on (cpu|metal|cuda) \((float32|float16)\)", done.stdout)
     assert "ask not what your country can do for you" in (tmp_path / "jfk.txt").read_text()

@@ -73,7 +73,7 @@ def backend_summary(model) -> str:
 
     info = backend_info(model)
     dtype = str(getattr(model, "dtype", info["default_dtype"])).replace("mlx.core.", "")
-    return f"backend {info['backend']} on {info['device']} ({dtype})"
+    return f"{info['backend']} on {info['device']} ({dtype})"
 
 
 def transcribe(audio: str, **options) -> dict:
@@ -474,7 +474,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: cannot load the model: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.verbose and not args.quiet:
-        print(f"{PROG}: {backend_summary(model)}", file=sys.stderr)
+        print(f"Backend: {backend_summary(model)}")  # beside "Detected language": stderr keeps errors only
     status = run_all(args, inputs, model)
     return 1 if len(inputs) < len(args.audio) else status
 
