@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .audio import HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND
+from .backends import backend_for
 
 # The punctuation openai's transcribe ignores when scoring segments for hallucinations.
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
@@ -166,8 +167,6 @@ def find_alignment(
 ) -> list[WordTiming]:
     """Word timings (seconds from the window start) for `text_tokens` given the window's encoder output
     `audio_features` (1, T, D); `num_frames` is the window's number of mel frames holding audio."""
-    from .backends import backend_for
-
     text_tokens = [int(t) for t in text_tokens]
     if len(text_tokens) == 0:
         return []

@@ -46,6 +46,24 @@ def attention_weights(q: mx.array, k: mx.array) -> mx.array:
     return mx.softmax(scores.astype(mx.float32), axis=-1)
 
 
+def decoder_mask(offset: int, length: int, pad=None, xp=mx):
+    """Additive (1 or B, 1, L, offset + L) float32 mask of L new tokens after `offset` cached ones, or
+    None: causal within the new tokens, and real tokens never attend to a row's left padding (`pad`, (B,)
+    padding tokens per row, None when no row has any). Written over `xp` (mlx.core or numpy) so both
+    backends build the same mask."""
+    total = offset + length
+    queries = xp.arange(offset, total)
+    blocked = xp.arange(total)[None, None, :] > queries[None, :, None] if length > 1 else None
+    if pad is not None:
+        padded_key = xp.arange(total)[None, None, :] < pad[:, None, None]
+        # padding positions still see themselves, so no softmax row is all -inf (0 * NaN = NaN)
+        from_padding = padded_key & (queries[None, :, None] >= pad[:, None, None])
+        blocked = from_padding if blocked is None else blocked | from_padding
+    if blocked is None:
+        return None
+    return xp.where(blocked, -xp.inf, 0.0).astype(xp.float32)[:, None]
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
@@ -253,18 +271,7 @@ class Whisper(nn.Module):
         return (self.decoder.logits(hidden[:, -keep:]) if keep else None), hidden
 
     def _self_attention_mask(self, state: DecoderState, length: int) -> mx.array | None:
-        total = state.offset + length
-        mask = None
-        if length > 1:  # causal within the new tokens
-            causal = mx.arange(total)[None, :] > (mx.arange(length) + state.offset)[:, None]
-            mask = mx.where(causal, -mx.inf, 0.0)[None, None]
-        if state.has_padding:  # real tokens never attend to a row's left padding
-            queries = mx.arange(state.offset, total)
-            padded_key = mx.arange(total)[None, None, :] < state.pad[:, None, None]
-            real_query = queries[None, :, None] >= state.pad[:, None, None]
-            # padding positions still see themselves, so no softmax row is all -inf (0 * NaN = NaN)
-            pad_mask = mx.where(padded_key & real_query, -mx.inf, 0.0)[:, None]
-            mask = pad_mask if mask is None else mask + pad_mask
+        mask = decoder_mask(state.offset, length, state.pad if state.has_padding else None)
         return None if mask is None else mask.astype(self.dtype)
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 
+import mlx.core as mx
+
 from ..errors import BackendError
+from ..runtime import blas_info, default_dtype, device_name, on_cpu
 from .interface import AheadEncoder, Backend, DecoderState
+from .mlx_backend import MLXBackend
+from .numpy_backend import NumpyBackend, unsupported_reason
 
 BACKEND_NAMES = ("auto", "mlx", "numpy")
 ENVIRONMENT_VARIABLE = "WHISPER_MLX_BACKEND"
@@ -38,16 +43,12 @@ def requested_backend(name: str | None = None) -> str:
 
 def select_backend(model, name: str | None = None) -> Backend:
     """Build the backend `name` (auto, mlx, numpy) for `model`; numpy where it cannot run is an error."""
-    from .numpy_backend import NumpyBackend, unsupported_reason
-
     chosen = requested_backend(name)
     reason = unsupported_reason(model) if chosen != "mlx" else None
     if chosen == "numpy" and reason is not None:
         raise BackendError(f"the numpy backend cannot run this model: {reason}")
     if chosen == "numpy" or (chosen == "auto" and reason is None):
         return NumpyBackend(model)
-    from .mlx_backend import MLXBackend
-
     return MLXBackend(model)
 
 
@@ -63,10 +64,6 @@ def backend_for(model, name: str | None = None) -> Backend:
 def backend_info(model=None) -> dict:
     """The device MLX computes on, the default dtype, the BLAS serving CPU matmuls, and the backend
     `model` uses (or, without a model, the one a float32 model would get here)."""
-    import mlx.core as mx
-
-    from ..runtime import blas_info, default_dtype, device_name, on_cpu
-
     if model is not None:
         backend = backend_for(model).name
     else:

@@ -21,11 +21,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ...whisper import merge_heads, split_heads  # reshapes that serve numpy arrays as well
+from ...whisper import decoder_mask, merge_heads, split_heads  # written to serve numpy arrays as well
 from . import blas, kernels
 from .schedule import run_whole, worker_count
-
-NEG_INF = np.float32(-np.inf)
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -329,19 +327,8 @@ class HostDecoderState:
         return self.keys[index][:, :, :end], self.values[index][:, :, :end]
 
     def mask(self, length: int) -> np.ndarray | None:
-        """Additive (1 or B, 1, L, offset + L) mask: causal within the new tokens, and real tokens never
-        attend to a row's left padding (padding positions still see themselves: no all -inf row)."""
-        total = self.offset + length
-        queries = np.arange(self.offset, total)
-        blocked = np.zeros((1, length, total), bool)
-        if length > 1:
-            blocked = blocked | (np.arange(total)[None, None, :] > queries[None, :, None])
-        if self.pad.any():
-            padded_key = np.arange(total)[None, None, :] < self.pad[:, None, None]
-            blocked = blocked | (padded_key & (queries[None, :, None] >= self.pad[:, None, None]))
-        if not blocked.any():
-            return None
-        return np.where(blocked, NEG_INF, np.float32(0))[:, None]
+        """The additive mask of `length` new tokens (whisper.decoder_mask, in numpy)."""
+        return decoder_mask(self.offset, length, self.pad if self.pad.any() else None, xp=np)
 
     def take(self, rows: np.ndarray) -> None:
         """Keep only `rows` (compaction after rows finish). Ascending rows move forward inside the
