@@ -40,6 +40,18 @@ def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.a
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
 
 
+def attend_windows(q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+    """Cross-attention of rows (B·R, H, L, D) over their windows' keys/values (B, H, T, D): a window's R
+    consecutive rows (its beams) attend to its one copy, as R queries of one product (one token each)."""
+    windows = keys.shape[0]
+    if q.shape[0] == windows:
+        return attend(q, keys, values, None)
+    rows, n_head, _, head_dim = q.shape
+    grouped = q.reshape(windows, rows // windows, n_head, head_dim).transpose(0, 2, 1, 3)
+    out = attend(grouped, keys, values, None)
+    return out.transpose(0, 2, 1, 3).reshape(rows, n_head, 1, head_dim)
+
+
 def attention_weights(q: mx.array, k: mx.array) -> mx.array:
     """The explicit softmax(q kᵀ / √d) in float32, (B, H, L, T): word timing reads these weights."""
     scores = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)
@@ -87,7 +99,7 @@ class MultiHeadAttention(nn.Module):
 
     def cross(self, x: mx.array, kv: CrossKV) -> mx.array:
         q = split_heads(self.query(x), self.n_head)
-        return self.out(merge_heads(attend(q, kv.keys, kv.values, None)))
+        return self.out(merge_heads(attend_windows(q, kv.keys, kv.values)))
 
     def cross_with_weights(self, x: mx.array, xa: mx.array) -> tuple[mx.array, mx.array]:
         """Cross-attention that also returns the (B, H, L, T) attention weights (for word timing)."""
@@ -128,6 +140,16 @@ class KVCache:
 
     def take(self, rows: mx.array) -> None:
         self.keys, self.values = self.keys[rows], self.values[rows]
+
+    def repeat_rows(self, repeats: int) -> None:
+        self.keys = mx.repeat(self.keys, repeats, axis=0)
+        self.values = mx.repeat(self.values, repeats, axis=0)
+
+    def rearrange(self, rows: mx.array, start: int) -> None:
+        """Row i's positions from `start` on become row rows[i]'s (the positions before are alike)."""
+        span = slice(start, self.offset)
+        self.keys[:, :, span, :] = self.keys[rows, :, span, :]
+        self.values[:, :, span, :] = self.values[rows, :, span, :]
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -198,9 +220,15 @@ class TextDecoder(nn.Module):
 
 class DecoderState:
     """Everything the decoder keeps per batch of windows: self-attention caches, cross-attention K/V,
-    and the left padding of each row's prompt (rows may have prompts of different lengths)."""
+    and the left padding of each row's prompt (rows may have prompts of different lengths).
 
-    def __init__(self, decoder: TextDecoder, audio_features: mx.array, pad: mx.array, max_len: int):
+    A window may have several rows (its beams, `rows_per_window`, consecutive): the prompt is fed once
+    per window, then copied to the window's rows (`expand`); the cross-attention K/V stay one per window.
+    """
+
+    def __init__(
+        self, decoder: TextDecoder, audio_features: mx.array, pad: mx.array, max_len: int, rows_per_window: int = 1
+    ):
         block = decoder.blocks[0]
         n_head, width = block.attn.n_head, block.attn.query.weight.shape[0]
         batch, dtype = audio_features.shape[0], audio_features.dtype
@@ -208,17 +236,35 @@ class DecoderState:
         self.cross_kv = [cast(MultiHeadAttention, b.cross_attn).cross_kv(audio_features) for b in decoder.blocks]
         self.pad = pad  # (B,) int32: padding tokens before each row's prompt
         self.has_padding = bool(mx.any(pad > 0).item())
+        self.rows_per_window = rows_per_window
+        self.shared = 0  # cached positions alike in every row of a window (the prompt)
 
     @property
     def offset(self) -> int:
         return self.caches[0].offset
 
-    def take(self, rows: mx.array) -> None:
-        """Keep only `rows` (compaction after rows finish)."""
+    def take(self, windows: mx.array) -> None:
+        """Keep only `windows`, with their rows (compaction after windows finish)."""
+        per_window = self.rows_per_window
+        rows = windows if per_window == 1 else (windows[:, None] * per_window + mx.arange(per_window)).reshape(-1)
         for cache in self.caches:
             cache.take(rows)
-        self.cross_kv = [kv.take(rows) for kv in self.cross_kv]
+        self.cross_kv = [kv.take(windows) for kv in self.cross_kv]
         self.pad = self.pad[rows]
+
+    def expand(self) -> None:
+        """After the prompt, fed one row per window: copy each window's caches to its rows."""
+        self.shared = self.offset
+        if self.rows_per_window > 1:
+            for cache in self.caches:
+                cache.repeat_rows(self.rows_per_window)
+            self.pad = mx.repeat(self.pad, self.rows_per_window)
+
+    def rearrange(self, rows: mx.array) -> None:
+        """Row i continues row rows[i] (a row of the same window): beams reordered after a step."""
+        if self.offset > self.shared:
+            for cache in self.caches:
+                cache.rearrange(rows, self.shared)
 
 
 class Whisper(nn.Module):
@@ -254,10 +300,12 @@ class Whisper(nn.Module):
     def embed_audio(self, mel: mx.array) -> mx.array:
         return self.encoder(mel.astype(self.dtype))
 
-    def new_state(self, audio_features: mx.array, pad: mx.array | None = None) -> DecoderState:
+    def new_state(
+        self, audio_features: mx.array, pad: mx.array | None = None, rows_per_window: int = 1
+    ) -> DecoderState:
         if pad is None:
             pad = mx.zeros((audio_features.shape[0],), mx.int32)
-        return DecoderState(self.decoder, audio_features, pad, self.dims.n_text_ctx)
+        return DecoderState(self.decoder, audio_features, pad, self.dims.n_text_ctx, rows_per_window)
 
     def step(self, tokens: mx.array, state: DecoderState, keep: int = 1) -> tuple[Any, mx.array]:
         """Feed new tokens (B, L) and return (logits of the last `keep` positions, or None when keep

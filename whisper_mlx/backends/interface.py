@@ -17,13 +17,19 @@ import numpy as np
 
 
 class DecoderState(Protocol):
-    """Caches of one batch of rows: self-attention keys/values, cross-attention keys/values, padding."""
+    """Caches of one batch of windows: cross-attention keys/values (one per window), and per row
+    self-attention keys/values and padding. A window has `rows_per_window` consecutive rows (its beams;
+    1 for greedy and sampled decoding), which share its cross-attention keys/values."""
 
     @property
     def offset(self) -> int: ...
 
-    def take(self, rows: Any) -> None:
-        """Keep only `rows` (an xp index array), in that order."""
+    def take(self, windows: Any) -> None:
+        """Keep only `windows` (an xp index array), with their rows, in that order."""
+
+    def rearrange(self, rows: Any) -> None:
+        """Row i continues row rows[i] (an xp index array, a row of the same window): its self-attention
+        keys/values after the prompt become that row's (beams reordered after a step)."""
 
 
 class AheadEncoder(Protocol):
@@ -58,15 +64,17 @@ class Backend(Protocol):
     def stack(self, features: list) -> Any:
         """Encoder outputs of single windows (n_audio_ctx, n_state) stacked into a batch."""
 
-    def new_state(self, features: Any, pad: np.ndarray) -> DecoderState:
-        """A decoder state for the rows of `features`, row i's prompt left-padded by pad[i] tokens."""
+    def new_state(self, features: Any, pad: np.ndarray, rows_per_window: int = 1) -> DecoderState:
+        """A decoder state for the windows of `features` (W, T, D), window i's prompt left-padded by pad[i]
+        tokens, with `rows_per_window` rows per window."""
 
     # `state: Any` below: a backend takes only the DecoderState its own new_state made
     def prefill(self, state: Any, tokens: np.ndarray, sot_index: int) -> tuple[Any, Any]:
-        """Feed the prompts (B, L); logits (B, n_vocab) at the last position and at `sot_index`."""
+        """Feed the prompts (W, L), one per window; logits (W, n_vocab) at the last position and at
+        `sot_index`. Afterwards every row of a window holds its prompt."""
 
     def step(self, state: Any, tokens: Any) -> Any:
-        """Feed one token per row (B,); logits (B, n_vocab) of the next position."""
+        """Feed one token per row (W·rows_per_window,); logits (rows, n_vocab) of the next position."""
 
     def submit(self, *arrays: Any) -> None:
         """Start evaluating arrays without waiting (a no-op where arrays are computed eagerly)."""

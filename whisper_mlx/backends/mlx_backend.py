@@ -29,11 +29,12 @@ class MLXBackend:
     def stack(self, features: list) -> mx.array:
         return mx.stack(features)
 
-    def new_state(self, features: mx.array, pad: np.ndarray) -> DecoderState:
-        return self.model.new_state(features, mx.array(pad, dtype=mx.int32))
+    def new_state(self, features: mx.array, pad: np.ndarray, rows_per_window: int = 1) -> DecoderState:
+        return self.model.new_state(features, mx.array(pad, dtype=mx.int32), rows_per_window)
 
     def prefill(self, state: DecoderState, tokens: np.ndarray, sot_index: int) -> tuple[mx.array, mx.array]:
         logits, hidden = self.model.step(mx.array(tokens, dtype=mx.int32), state)
+        state.expand()
         return logits[:, -1], self.model.decoder.logits(hidden[:, sot_index])
 
     def step(self, state: DecoderState, tokens: mx.array) -> mx.array:

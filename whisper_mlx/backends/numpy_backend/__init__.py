@@ -79,12 +79,13 @@ class NumpyBackend:
     def stack(self, features: list) -> np.ndarray:
         return np.stack(features)
 
-    def new_state(self, features: np.ndarray, pad: np.ndarray) -> HostDecoderState:
-        return self.decoder.new_state(features, np.asarray(pad), self.model.dims.n_text_ctx)
+    def new_state(self, features: np.ndarray, pad: np.ndarray, rows_per_window: int = 1) -> HostDecoderState:
+        return self.decoder.new_state(features, np.asarray(pad), self.model.dims.n_text_ctx, rows_per_window)
 
     def prefill(self, state: HostDecoderState, tokens: np.ndarray, sot_index: int) -> tuple[np.ndarray, np.ndarray]:
         # only the two positions whose logits are read go through the last layer's attention and MLP
         hidden = state.decoder.hidden(np.asarray(tokens), state, keep=[tokens.shape[1] - 1, sot_index])
+        state.expand()
         logits = state.decoder.logits(hidden.swapaxes(0, 1).reshape(-1, hidden.shape[-1]))
         return logits[: len(tokens)], logits[len(tokens) :]
 

@@ -158,7 +158,7 @@ class HostLayer:
         attended = self.self_attention(self.attn_ln(x), state, index, mask, keep)
         x = (x if keep is None else x[:, keep]) + attended
         query = split_heads(self.cross_query(self.cross_ln(x)), self.n_head)
-        x = x + self.cross_out(merge_heads(kernels.cross_attention(query, *state.cross_kv[index])))
+        x = x + self.cross_out(merge_heads(cross_attention(query, *state.cross_kv[index])))
         return x + self.mlp(x)
 
     def self_attention(
@@ -172,6 +172,19 @@ class HostLayer:
             return self.attn_out(merge_heads(kernels.masked_attention(q, keys, values, mask)))
         scaled = q * np.float32(q.shape[-1] ** -0.5)
         return self.attn_out(merge_heads(kernels.attend(scaled, keys.swapaxes(-1, -2), values, mask)))
+
+
+def cross_attention(query: np.ndarray, keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Cross-attention of rows (B·R, H, L, D) over their windows' cached keys/values (B windows): a
+    window's R consecutive rows (its beams, one token each) are R queries of one product over its one
+    copy of the keys/values."""
+    windows = keys_t.shape[0]
+    if query.shape[0] == windows:
+        return kernels.cross_attention(query, keys_t, values)
+    rows, n_head, _, head_dim = query.shape
+    grouped = query.reshape(windows, rows // windows, n_head, head_dim).transpose(0, 2, 1, 3)
+    out = kernels.attend(np.ascontiguousarray(grouped), keys_t, values)
+    return out.transpose(0, 2, 1, 3).reshape(rows, n_head, 1, head_dim)
 
 
 @dataclass(frozen=True)
@@ -265,7 +278,9 @@ class HostDecoder:
         self.embedding_t = np.ascontiguousarray(self.token_embedding.T)
         self._packed_embedding: blas.PackedOperand | None = None
 
-    def new_state(self, audio_features: np.ndarray, pad: np.ndarray, max_len: int) -> HostDecoderState:
+    def new_state(
+        self, audio_features: np.ndarray, pad: np.ndarray, max_len: int, rows_per_window: int = 1
+    ) -> HostDecoderState:
         audio = np.ascontiguousarray(audio_features, dtype=np.float32)
         cross_kv = [layer.cross_cache(audio) for layer in self.layers]
         head = self.layers[0]
@@ -276,6 +291,7 @@ class HostDecoder:
             head.n_head,
             head.attn_out.weight.shape[0] // head.n_head,
             max_len,
+            rows_per_window,
         )
 
     def hidden(self, tokens: np.ndarray, state: HostDecoderState, keep: list[int] | None = None) -> np.ndarray:
@@ -306,9 +322,20 @@ class HostDecoder:
 
 class HostDecoderState:
     """Per batch of windows: self-attention caches (preallocated, written in place), cross-attention
-    keys/values, and the left padding of each row's prompt."""
+    keys/values, and the left padding of each row's prompt. A window has `rows_per_window` consecutive
+    rows (its beams): its prompt is fed once and copied to them (`expand`); they share its cross-attention
+    keys/values."""
 
-    def __init__(self, decoder: HostDecoder, cross_kv: list, pad: np.ndarray, n_head: int, head_dim: int, max_len: int):
+    def __init__(
+        self,
+        decoder: HostDecoder,
+        cross_kv: list,
+        pad: np.ndarray,
+        n_head: int,
+        head_dim: int,
+        max_len: int,
+        rows_per_window: int = 1,
+    ):
         batch = pad.shape[0]
         self.decoder = decoder  # the weights this state's caches were made with
         self.keys = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
@@ -316,6 +343,8 @@ class HostDecoderState:
         self.cross_kv = cross_kv
         self.pad = pad
         self.offset = 0
+        self.rows_per_window = rows_per_window
+        self.shared = 0  # cached positions alike in every row of a window (the prompt)
 
     def append(self, index: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write the new keys/values of layer `index` after the cached ones; return all of them."""
@@ -330,21 +359,54 @@ class HostDecoderState:
         """The additive mask of `length` new tokens (whisper.decoder_mask, in numpy)."""
         return decoder_mask(self.offset, length, self.pad if self.pad.any() else None, xp=np)
 
-    def take(self, rows: np.ndarray) -> None:
-        """Keep only `rows` (compaction after rows finish). Ascending rows move forward inside the
-        buffers they are in (only the rows after the first dropped one are copied, and no new
-        cross-attention arrays are allocated)."""
-        rows = np.asarray(rows)
-        if len(rows) and np.all(np.diff(rows) > 0):
-            moves = [(dst, int(src)) for dst, src in enumerate(rows) if dst != src]
-            kept: slice | np.ndarray = slice(0, len(rows))
-            arrays = [*self.keys, *self.values, *(a for pair in self.cross_kv for a in pair)]
-            for array in arrays:
-                for dst, src in moves:  # src > dst: a row is read before anything overwrites it
-                    array[dst] = array[src]
-        else:
-            kept = rows
-        self.keys = [k[kept] for k in self.keys]
-        self.values = [v[kept] for v in self.values]
-        self.cross_kv = [(keys_t[kept], values[kept]) for keys_t, values in self.cross_kv]
+    def take(self, windows: np.ndarray) -> None:
+        """Keep only `windows`, with their rows (compaction after windows finish), moved forward inside
+        their buffers when ascending (see keep_rows)."""
+        windows = np.asarray(windows)
+        per_window = self.rows_per_window
+        rows = windows if per_window == 1 else (windows[:, None] * per_window + np.arange(per_window)).reshape(-1)
+        caches = keep_rows([*self.keys, *self.values], rows)
+        self.keys, self.values = caches[: len(self.keys)], caches[len(self.keys) :]
+        cross = keep_rows([a for pair in self.cross_kv for a in pair], windows)
+        self.cross_kv = list(zip(cross[::2], cross[1::2]))
         self.pad = self.pad[rows]
+
+    def expand(self) -> None:
+        """After the prompt, fed one row per window: copy each window's caches to its rows."""
+        self.shared = self.offset
+        if self.rows_per_window > 1:
+            self.keys = [repeat_rows(k, self.rows_per_window, self.offset) for k in self.keys]
+            self.values = [repeat_rows(v, self.rows_per_window, self.offset) for v in self.values]
+            self.pad = np.repeat(self.pad, self.rows_per_window)
+
+    def rearrange(self, rows: np.ndarray) -> None:
+        """Row i continues row rows[i] (a row of the same window): only the rows that change, and only
+        their positions after the prompt (alike in a window's rows), are copied."""
+        rows = np.asarray(rows)
+        moved = np.flatnonzero(rows != np.arange(len(rows)))
+        if len(moved) == 0 or self.offset == self.shared:
+            return
+        span, sources = slice(self.shared, self.offset), rows[moved]
+        for array in (*self.keys, *self.values):
+            array[moved, :, span] = array[sources, :, span]  # the right side is a copy: overlaps are safe
+
+
+def keep_rows(arrays: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+    """Each array's `rows`, in that order. Ascending rows move forward inside the buffers they are in
+    (only the rows after the first dropped one are copied, and no new arrays are allocated)."""
+    if len(rows) and np.all(np.diff(rows) > 0):
+        moves = [(dst, int(src)) for dst, src in enumerate(rows) if dst != src]
+        for array in arrays:
+            for dst, src in moves:  # src > dst: a row is read before anything overwrites it
+                array[dst] = array[src]
+        return [array[: len(rows)] for array in arrays]
+    return [array[rows] for array in arrays]
+
+
+def repeat_rows(cache: np.ndarray, repeats: int, filled: int) -> np.ndarray:
+    """A (B·repeats, H, max_len, D) cache whose rows are each row of `cache` (B, H, max_len, D) `repeats`
+    times, its first `filled` positions copied (the later ones are written before they are read)."""
+    batch, *rest = cache.shape
+    out = np.empty((batch * repeats, *rest), np.float32)
+    out.reshape(batch, repeats, *rest)[:, :, :, :filled] = cache[:, None, :, :filled]
+    return out
