@@ -95,16 +95,43 @@ def _from_entry(entry: dict, cache_dir: Path) -> AudioFile:
     return AudioFile(entry["name"], audio, reference, entry.get("language", "en"), sha, seconds, samples)
 
 
+def _sources(entry: dict) -> list[str]:
+    """The listed files a generated entry is made from."""
+    if "concatenate" in entry:
+        return list(entry["concatenate"])
+    return [entry["mix"], *([entry["babble_from"]] if "babble_from" in entry else [])]
+
+
+def _noisy(entry: dict, parts: dict[str, AudioFile]) -> np.ndarray:
+    """The entry's speech file with its noise mixed in at its SNR (fixed seed: the same file every time)."""
+    from .noise import babble_noise, brown_noise, mix_at_snr
+
+    speech = np.load(parts[entry["mix"]].samples)
+    if entry["noise"] == "brown":
+        noise = brown_noise(len(speech), entry["seed"])
+    elif entry["noise"] == "babble":
+        noise = babble_noise(np.load(parts[entry["babble_from"]].samples), len(speech), entry["seed"])
+    else:
+        raise SystemExit(f"{entry['name']}: unknown noise {entry['noise']!r} (brown or babble)")
+    return mix_at_snr(speech, noise, entry["snr_db"])
+
+
 def _generate(entry: dict, parts: dict[str, AudioFile], cache_dir: Path) -> AudioFile:
-    """Concatenate decoded parts into a FLAC under the cache (once), then treat it like any file."""
-    audio = cache_dir / "audio" / f"{entry['name']}.flac"
+    """Concatenate decoded parts, or mix one with noise, into a FLAC under the cache (once; a noisy file's
+    name carries a digest of its recipe), then treat it like any file."""
+    digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:8]
+    recipe = "" if "concatenate" in entry else f"-{digest}"
+    audio = cache_dir / "audio" / f"{entry['name']}{recipe}.flac"
     if not audio.exists():
-        pieces = [np.load(parts[name].samples) for name in entry["concatenate"]]
-        write_flac(np.concatenate(pieces), audio)
+        if "concatenate" in entry:
+            write_flac(np.concatenate([np.load(parts[name].samples) for name in entry["concatenate"]]), audio)
+        else:
+            write_flac(_noisy(entry, parts), audio)
     sha = sha256_file(audio)
     samples = _cached_samples(audio, sha, cache_dir)
     seconds = len(np.load(samples, mmap_mode="r")) / SAMPLE_RATE
-    reference = " ".join(parts[name].reference for name in entry["concatenate"])
+    spoken = entry.get("concatenate", [entry.get("mix")])
+    reference = " ".join(parts[name].reference for name in spoken)
     return AudioFile(entry["name"], audio, reference, entry.get("language", "en"), sha, seconds, samples)
 
 
@@ -117,6 +144,6 @@ def load_corpus(names: list[str] | None = None, cache_dir: Path = CACHE_DIR) -> 
     unknown = [n for n in wanted if n not in listed and n not in generated]
     if unknown:
         raise SystemExit(f"unknown corpus file(s) {unknown}; known: {sorted(listed) + sorted(generated)}")
-    needed = set(wanted) | {p for n in wanted if n in generated for p in generated[n]["concatenate"]}
+    needed = set(wanted) | {p for n in wanted if n in generated for p in _sources(generated[n])}
     parts = {n: _from_entry(listed[n], cache_dir) for n in listed if n in needed}
     return [parts[n] if n in listed else _generate(generated[n], parts, cache_dir) for n in wanted]

@@ -13,6 +13,10 @@ from pathlib import Path
 README_START = "<!-- benchmark-results:start -->"
 README_END = "<!-- benchmark-results:end -->"
 CHART_FILE = "alice_ch1"  # the chart shows this file when the run has it, else the longest one
+GATE_MIN_SECONDS = 60.0  # the quality gate holds on every file at least this long
+GATE_WER_MARGIN = 0.003  # batched may lose at most 0.3 WER points to sequential...
+GATE_TIME_RATIO = 0.7  # ...and must take at most this share of sequential's time
+GATE_SYSTEMS = ("whisper_mlx-batched", "whisper_mlx", "faster-whisper-batched")
 
 
 def one_line(row: dict) -> str:
@@ -59,6 +63,54 @@ def file_table(data: dict, name: str) -> str:
     return "\n".join(lines)
 
 
+def quality_gate(data: dict) -> list[dict]:
+    """Per long file: batched and sequential whisper_mlx and faster-whisper's batched pipeline, WER and
+    time, and whether batched holds each target (None where a system is missing from the run)."""
+    rows = []
+    for f in data["files"]:
+        found = {r["system"]: r for r in data["results"] if r["file"] == f["name"] and "median_s" in r}
+        if f["seconds"] < GATE_MIN_SECONDS or not {GATE_SYSTEMS[0], GATE_SYSTEMS[1]} <= set(found):
+            continue
+        batched, sequential, faster = (found.get(key) for key in GATE_SYSTEMS)
+        assert batched is not None and sequential is not None
+        row = {"file": f["name"], "seconds": f["seconds"], "batched_wer": batched["wer"],
+               "sequential_wer": sequential["wer"], "faster_whisper_wer": faster["wer"] if faster else None,
+               "batched_s": batched["median_s"], "sequential_s": sequential["median_s"],
+               "faster_whisper_s": faster["median_s"] if faster else None,
+               "time_ratio": round(batched["median_s"] / sequential["median_s"], 3)}  # fmt: skip
+        row["wer_vs_sequential"] = row["batched_wer"] <= row["sequential_wer"] + GATE_WER_MARGIN + 1e-9
+        row["wer_vs_faster_whisper"] = None if faster is None else row["batched_wer"] <= faster["wer"] + 1e-9
+        row["time_vs_sequential"] = row["time_ratio"] <= GATE_TIME_RATIO
+        rows.append(row)
+    return rows
+
+
+def _mark(ok: bool | None) -> str:
+    return "—" if ok is None else "yes" if ok else "**no**"
+
+
+def gate_markdown(rows: list[dict]) -> str:
+    """The quality gate as a table: one row per long file."""
+    pct = lambda x: "—" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    sec = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = [
+        "### Quality gate: batched against sequential and faster-whisper's batched pipeline, every long file",
+        "",
+        f"Targets: batched WER ≤ sequential WER + {100 * GATE_WER_MARGIN:.1f} points, batched WER ≤ faster-whisper "
+        f"batched WER, batched time ≤ {GATE_TIME_RATIO} × sequential time.",
+        "",
+        "| File | Batched WER | Sequential WER | faster-whisper batched WER | Batched (s) | Sequential (s) "
+        "| faster-whisper batched (s) | Batched / sequential time | ≤ seq + 0.3 | ≤ faster-whisper | time ≤ 0.7× |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['file']} | {pct(r['batched_wer'])} | {pct(r['sequential_wer'])} | "
+                     f"{pct(r['faster_whisper_wer'])} | {sec(r['batched_s'])} | {sec(r['sequential_s'])} | "
+                     f"{sec(r['faster_whisper_s'])} | {r['time_ratio']:.2f} | {_mark(r['wer_vs_sequential'])} | "
+                     f"{_mark(r['wer_vs_faster_whisper'])} | {_mark(r['time_vs_sequential'])} |")  # fmt: skip
+    return "\n".join([*lines, ""])
+
+
 def markdown(data: dict) -> str:
     m = data["machine"]
     out = [
@@ -95,6 +147,9 @@ def markdown(data: dict) -> str:
         *_load_warning(m),
         "",
     ]
+    gate = quality_gate(data)
+    if gate:
+        out += [gate_markdown(gate), ""]
     for f in data["files"]:
         out += [
             f"### {f['name']} ({f['seconds']:.1f} s, sha256 `{f['sha256'][:16]}…`)",

@@ -298,3 +298,67 @@ def test_runs_are_rounds_over_the_systems(monkeypatch, tmp_path):
     assert sequential["peak_rss_mib"] == 7  # the largest of its rounds
     assert lightning["error"] == "exit 1: boom"
     assert sequential["ratio_to_whisper_mlx"] == round(5.5 / 4.5, 2)
+
+
+def _gate_results() -> dict:
+    def row(system, file, seconds, wer):
+        return {"system": system, "label": system, "file": file, "median_s": seconds, "wer": wer}
+
+    rows = [row("whisper_mlx-batched", "long", 10.0, 0.114), row("whisper_mlx", "long", 20.0, 0.112),
+            row("faster-whisper-batched", "long", 9.0, 0.12), row("whisper_mlx-batched", "noisy", 16.0, 0.2),
+            row("whisper_mlx", "noisy", 20.0, 0.15), row("whisper_mlx-batched", "jfk", 1.0, 0.0),
+            row("whisper_mlx", "jfk", 1.0, 0.0)]  # fmt: skip
+    files = [{"name": "long", "seconds": 400.0}, {"name": "noisy", "seconds": 400.0}, {"name": "jfk", "seconds": 11.0}]
+    return {"files": files, "results": rows}
+
+
+def test_quality_gate_per_long_file():
+    long, noisy = report.quality_gate(_gate_results())  # jfk is short: not gated
+    assert (long["file"], long["wer_vs_sequential"], long["wer_vs_faster_whisper"]) == ("long", True, True)
+    assert long["time_ratio"] == 0.5 and long["time_vs_sequential"] is True
+    assert noisy["wer_vs_sequential"] is False and noisy["wer_vs_faster_whisper"] is None  # not run there
+    assert noisy["time_vs_sequential"] is False  # 0.8 of sequential's time
+    table = report.gate_markdown([long, noisy])
+    assert "| long | 11.4% | 11.2% | 12.0% | 10.00 | 20.00 | 9.00 | 0.50 | yes | yes | yes |" in table
+    assert "| noisy | 20.0% | 15.0% | — | 16.00 | 20.00 | — | 0.80 | **no** | — | **no** |" in table
+
+
+def test_noisy_files_are_the_same_every_time():
+    import numpy as np
+
+    from benchmarks.noise import babble_noise, brown_noise, mix_at_snr
+
+    rng = np.random.default_rng(0)
+    speech = (0.1 * rng.standard_normal(16000 * 3)).astype(np.float32)
+    brown = brown_noise(len(speech), seed=7)
+    np.testing.assert_array_equal(brown, brown_noise(len(speech), seed=7))
+    assert not np.array_equal(brown, brown_noise(len(speech), seed=8))
+    spectrum = np.abs(np.fft.rfft(brown)) ** 2
+    freqs = np.fft.rfftfreq(len(brown), 1 / 16000)
+    assert spectrum[(freqs > 50) & (freqs < 100)].mean() > 100 * spectrum[(freqs > 2000) & (freqs < 4000)].mean()
+    babble = babble_noise(speech[::-1], len(speech), seed=3)
+    np.testing.assert_array_equal(babble, babble_noise(speech[::-1], len(speech), seed=3))
+    for noise, snr in ((brown, 5.0), (babble, 10.0)):
+        noisy = mix_at_snr(speech, noise, snr)
+        added = noisy.astype(np.float64) - speech
+        assert abs(10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(added**2)) - snr) < 0.01
+
+
+def test_full_run_updates_only_the_benchmarks_readme(monkeypatch, tmp_path):
+    from benchmarks import run
+
+    updated = []
+    monkeypatch.setattr(run, "machine_info", lambda: {"cpu": "x", "cores": 2, "os": "y", "python": "3", "slug": "s",
+                                                      "load_average_start": 0.0})  # fmt: skip
+    monkeypatch.setattr(run, "load_average", lambda: 0.0)
+    from benchmarks.corpus import AudioFile
+
+    jfk = AudioFile("jfk", tmp_path / "jfk.flac", "and so", "en", "0" * 64, 11.0, tmp_path / "jfk.npy")
+    monkeypatch.setattr(run, "load_corpus", lambda names: [jfk])
+    monkeypatch.setattr(run, "prepare_systems", lambda systems, no_setup: ({}, {}))
+    monkeypatch.setattr(run, "measure_all", lambda *args: [{"system": "whisper_mlx", "file": "jfk"}])
+    monkeypatch.setattr(run.report, "write_outputs", lambda data, out, stem: {"json": tmp_path / "r.json"})
+    monkeypatch.setattr(run.report, "update_readme", lambda readme, data, paths: updated.append(readme))
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: object())
+    run.main(["--files", "jfk", "--readme", "yes", "--systems", "whisper_mlx"])
+    assert updated == [run.BENCH_DIR / "README.md"]  # never the top-level README (it has no table)
