@@ -169,13 +169,11 @@ def test_sampling_is_real_and_best_of_ranks():
     assert rank_candidates(np.array([-10.0, -4.0]), np.array([10, 3]), 1.0) == 1
 
 
-def test_options_validation():
+def test_options_validation(random_model):
     with pytest.raises(DecodingError):
         DecodingOptions(task="summarise")
-    with pytest.raises(DecodingError):
-        DecodingOptions(best_of=3, temperature=0.0)
-    with pytest.raises(NotImplementedError):
-        DecodingOptions(beam_size=5)
+    with pytest.raises(DecodingError):  # checked when decoding starts, as openai does (test_beam_search.py)
+        DecodingTask(random_model, DecodingOptions(best_of=3, temperature=0.0))
     assert compression_ratio("ab" * 200) > 2.4 > compression_ratio("The quick brown fox jumps over it.")
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
 
 from .audio import CHUNK_LENGTH, N_FRAMES
 from .backends import Backend, backend_for
+from .beam_search import BeamSearch, Step
 from .errors import DecodingError
 from .tokenizer import Tokenizer, get_tokenizer
 from .whisper import Whisper
@@ -58,8 +59,8 @@ class DecodingOptions:
     temperature: float = 0.0  # 0: greedy; otherwise sample from softmax(logits / temperature)
     sample_len: int | None = None  # maximum number of tokens to sample (default: half the context)
     best_of: int | None = None  # with temperature > 0: candidates sampled per window, best kept
-    beam_size: int | None = None  # beam search is not implemented (raises)
-    patience: float | None = None  # beam search only
+    beam_size: int | None = None  # with temperature 0: beams per window (1 or None: greedy)
+    patience: float | None = None  # beam search: stop at round(beam_size * patience) finished candidates
     length_penalty: float | None = None  # ranking: None = length normalisation; else Google NMT's alpha
     prompt: str | Sequence[int] | None = None  # previous text, as context (<|startofprev|> ...)
     prefix: str | Sequence[int] | None = None  # forced start of the text of the window
@@ -70,16 +71,35 @@ class DecodingOptions:
     fp16: bool | None = None  # None: float16 on a GPU, float32 on the CPU (compute dtype of the model)
 
     def __post_init__(self):
+        """Each value on its own; how they combine is checked when decoding starts (verify_options),
+        as openai does: transcribe's options carry beam_size for temperature 0 and best_of for the rest."""
         if self.task not in ("transcribe", "translate"):
             raise DecodingError(f"task must be 'transcribe' or 'translate', got {self.task!r}")
-        if self.beam_size is not None:
-            raise NotImplementedError("beam search is not implemented in whisper_mlx; use best_of with temperature")
-        if self.patience is not None:
-            raise DecodingError("patience requires beam_size, which is not implemented")
-        if self.best_of is not None and self.temperature == 0:
-            raise DecodingError("best_of with greedy sampling (temperature=0) is not compatible")
         if self.temperature < 0:
             raise DecodingError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("best_of", "beam_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise DecodingError(f"{name} must be a positive integer, got {value!r}")
+        if self.patience is not None and not self.patience > 0:
+            raise DecodingError(f"patience must be > 0, got {self.patience}")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
+            raise DecodingError("length_penalty (alpha) should be a value between 0 and 1")
+
+
+def verify_options(options: DecodingOptions) -> DecodingOptions:
+    """openai's checks of the options one decoding runs with (DecodingTask's)."""
+    if options.beam_size is not None and options.best_of is not None:
+        raise DecodingError("beam_size and best_of can't be given together")
+    if options.temperature == 0 and options.best_of is not None:
+        raise DecodingError("best_of with greedy sampling (temperature=0) is not compatible")
+    if options.beam_size is not None and options.temperature > 0:
+        raise DecodingError("beam search decodes at temperature 0 (sampling uses best_of)")
+    if options.patience is not None and options.beam_size is None:
+        raise DecodingError("patience requires beam_size to be given")
+    if options.beam_size is not None and round(options.beam_size * (options.patience or 1.0)) < 1:
+        raise DecodingError(f"beam_size {options.beam_size} with patience {options.patience} keeps no candidate")
+    return options
 
 
 @dataclass
@@ -192,12 +212,40 @@ class ApplyTimestampRules:
         (max, argmax, logsumexp) and the per-row rules act on those statistics: MLX's CPU elementwise
         kernels are scalar, so each full-vocabulary pass costs milliseconds per step.
         """
+        xp = array_module(logits)
+        view = self._regions(logits, history, n_sampled)
+        regions, allowed = view.regions, view.allowed
+        maxima = xp.stack([xp.where(ok, r.max, NEG_INF) for ok, r in zip(allowed, regions)] + [regions[3].max], -1)
+        choice = xp.argmax(maxima, axis=-1)
+        tokens = xp.take_along_axis(xp.stack([r.token for r in regions], -1), choice[:, None], -1)[:, 0]
+        logprob = xp.max(maxima, axis=-1) - logsumexp(view.lses(), axis=-1)
+        return tokens.astype(xp.int32), logprob.astype(logits.dtype)
+
+    def top_candidates(self, logits, history: TimestampHistory, n_sampled: int, k: int):
+        """The k most likely tokens of each row under the rules (unordered) and their log probabilities:
+        top-k of log_softmax(apply()), from the regions' reductions and their own top-k."""
+        xp = array_module(logits)
+        view = self._regions(logits, history, n_sampled)
+        eot_value = view.regions[1].max[:, None]
+        parts = [
+            (*top_k(view.text, k), 0, view.allowed[0]),
+            (eot_value, xp.zeros(eot_value.shape, xp.int32), self.eot, view.allowed[1]),
+            (*top_k(view.special, k), self.eot + 1, view.allowed[2]),
+            (*top_k(view.stamps, k), self.ts_begin, None),  # the timestamps' bias is already applied
+        ]
+        values = xp.concatenate([v if ok is None else xp.where(ok[:, None], v, NEG_INF) for v, _, _, ok in parts], 1)
+        tokens = xp.concatenate([t + first for _, t, first, _ in parts], 1)
+        values, tokens = largest(values, tokens, k)
+        return values - logsumexp(view.lses(), axis=-1)[:, None], tokens
+
+    def _regions(self, logits, history: TimestampHistory, n_sampled: int) -> _RuleRegions:
+        """The vocabulary in four regions (text, EOT, the other specials, timestamps) with the rules
+        applied: the timestamps' additive mask, and per row which other regions may be sampled."""
         eot, ts_begin, xp = self.eot, self.ts_begin, array_module(logits)
         masks = self.masks[xp]
-        special_bias, first_stamps, ts_vocab = masks.special_bias, masks.first_stamps, masks.ts_vocab
         text, special, stamps = logits[:, :eot], logits[:, eot + 1 : ts_begin], logits[:, ts_begin:]
-        special = special + special_bias  # <|notimestamps|> is never sampled
-        stamps = stamps + self._timestamp_bias(history, n_sampled, first_stamps, ts_vocab)
+        special = special + masks.special_bias  # <|notimestamps|> is never sampled
+        stamps = stamps + self._timestamp_bias(history, n_sampled, masks.first_stamps, masks.ts_vocab)
         text_ok, eot_ok = self._text_allowed(history, n_sampled)
         regions = [
             _Region.of(text, 0),
@@ -210,14 +258,9 @@ class ApplyTimestampRules:
         force = regions[3].lse > best_text  # timestamp mass beats every text token
         allowed = [ok & ~force for ok in allowed]
         empty = ~(allowed[0] | allowed[1] | allowed[2]) & (regions[3].max == NEG_INF)
-        allowed[1] = allowed[1] | empty
+        allowed[1] = allowed[1] | empty  # defensive: a row keeps at least one candidate (EOT)
         regions[1] = _Region.constant(xp.where(empty, 0.0, regions[1].max).astype(logits.dtype), eot)
-        maxima = xp.stack([xp.where(ok, r.max, NEG_INF) for ok, r in zip(allowed, regions)] + [regions[3].max], -1)
-        lses = xp.stack([xp.where(ok, r.lse, NEG_INF) for ok, r in zip(allowed, regions)] + [regions[3].lse], -1)
-        choice = xp.argmax(maxima, axis=-1)
-        tokens = xp.take_along_axis(xp.stack([r.token for r in regions], -1), choice[:, None], -1)[:, 0]
-        logprob = xp.max(maxima, axis=-1) - logsumexp(lses, axis=-1)
-        return tokens.astype(xp.int32), logprob.astype(logits.dtype)
+        return _RuleRegions(text, special, stamps, regions, allowed)
 
     def _timestamp_bias(self, history: TimestampHistory, n_sampled: int, first_stamps, ts_vocab):
         """Additive (B, n_timestamps) mask of the timestamp tokens the rules forbid."""
@@ -251,6 +294,23 @@ class ApplyTimestampRules:
         # defensive: a row must keep at least one candidate (EOT)
         empty = xp.max(logits, axis=-1, keepdims=True) == NEG_INF
         return xp.where(empty & (masks.vocab == self.eot), 0.0, logits)
+
+
+@dataclass
+class _RuleRegions:
+    """One step's logits in regions under the timestamp rules (ApplyTimestampRules._regions)."""
+
+    text: Any  # (B, eot) text proper
+    special: Any  # (B, ts_begin - eot - 1) the specials after EOT, <|notimestamps|> masked
+    stamps: Any  # (B, n_timestamps) the timestamps, the rules' mask added
+    regions: list[_Region]  # reductions of text, EOT, specials, timestamps
+    allowed: list  # (B,) bool per row: may text, EOT, the specials be sampled (timestamps: by their mask)
+
+    def lses(self):
+        """(B, 4) logsumexp of each region as far as allowed: their logsumexp is log_softmax's normaliser."""
+        xp = array_module(self.regions[3].lse)
+        allowed = [xp.where(ok, r.lse, NEG_INF) for ok, r in zip(self.allowed, self.regions)]
+        return xp.stack([*allowed, self.regions[3].lse], -1)
 
 
 @dataclass
@@ -298,6 +358,35 @@ class TimestampHistory:
 
 
 # ------------------------------------------------------------------------------ token selection
+
+TOP_K_BLOCK = 64  # columns per block of top_k: a row's block maxima are a 64th of its width
+
+
+def top_k(x, k: int):
+    """The k largest entries of each row of x (B, V), unordered, and their columns (int32). The
+    maxima of the rows' blocks of TOP_K_BLOCK columns name the k blocks that hold them (k blocks hold k
+    entries at least as large as any other block's), and only those are searched: a partition of whole
+    50k-wide rows is slow on the CPU (docs/performance.md)."""
+    xp = array_module(x)
+    rows, width = x.shape
+    k = min(k, width)
+    blocks = width // TOP_K_BLOCK
+    if blocks <= k:
+        return largest(x, xp.broadcast_to(xp.arange(width, dtype=xp.int32)[None], (rows, width)), k)
+    main = x[:, : blocks * TOP_K_BLOCK].reshape(rows, blocks, TOP_K_BLOCK)
+    best = xp.argpartition(-xp.max(main, axis=-1), k - 1, axis=-1)[:, :k].astype(xp.int32)
+    columns = (best[:, :, None] * TOP_K_BLOCK + xp.arange(TOP_K_BLOCK, dtype=xp.int32)).reshape(rows, -1)
+    tail = xp.arange(blocks * TOP_K_BLOCK, width, dtype=xp.int32)
+    columns = xp.concatenate([columns, xp.broadcast_to(tail[None], (rows, tail.shape[0]))], axis=1)
+    return largest(xp.take_along_axis(x, columns, axis=1), columns, k)
+
+
+def largest(values, labels, k: int):
+    """The k largest of each row of values (B, n) and their labels, unordered."""
+    xp = array_module(values)
+    k = min(k, values.shape[1])
+    pick = xp.argpartition(-values, k - 1, axis=-1)[:, :k]
+    return xp.take_along_axis(values, pick, axis=-1), xp.take_along_axis(labels, pick, axis=-1).astype(xp.int32)
 
 
 def select_tokens(logits, temperature: float):
@@ -349,7 +438,7 @@ class DecodingTask:
 
     def __init__(self, model: Whisper, options: DecodingOptions, backend: Backend | None = None):
         self.model = model
-        self.options = options
+        self.options = verify_options(options)
         self.backend = backend or backend_for(model)
         self.tokenizer = get_tokenizer(
             model.is_multilingual,
@@ -420,11 +509,16 @@ class DecodingTask:
         languages: Sequence[str | None] | None = None,
         temperature: float | None = None,
     ) -> list[DecodingResult]:
-        """Decode each row of audio_features (B, T, D); best_of candidates per row when sampling."""
+        """Decode each row of audio_features (B, T, D): beam search with beam_size > 1, else greedy, or
+        best_of candidates per row when sampling."""
         batch = audio_features.shape[0]
         temperature = self.options.temperature if temperature is None else temperature
         prompts = list(prompts) if prompts is not None else [self.options.prompt] * batch
         languages = list(languages) if languages is not None else [self.options.language] * batch
+        if temperature == 0 and self.searches_beams:
+            rows = [self.initial_tokens(p, lang) for p, lang in zip(prompts, languages)]
+            found = self._decode_beams(audio_features, rows)
+            return [self._result(audio_features[b], languages[b], *found[b], temperature) for b in range(batch)]
         n_candidates = (self.options.best_of or 1) if temperature > 0 else 1
         rows = [self.initial_tokens(p, lang) for p, lang in zip(prompts, languages) for _ in range(n_candidates)]
         features = audio_features
@@ -442,6 +536,12 @@ class DecodingTask:
                 )
             )
         return results
+
+    @property
+    def searches_beams(self) -> bool:
+        """Beam search unless it would be greedy decoding: one beam that stops at its first EOT."""
+        beam_size = self.options.beam_size or 1
+        return beam_size > 1 or round(beam_size * (self.options.patience or 1.0)) > 1
 
     def _result(self, features, language, tokens, sum_logprob, no_speech, temperature) -> DecodingResult:
         text = self.tokenizer.decode(tokens).strip()
@@ -462,14 +562,15 @@ class DecodingTask:
             logits = self.timestamp_rules.apply(logits, history, n_sampled)
         return logits
 
-    def _prefill(self, features, rows: list[list[int]]):
-        """Feed every row's initial tokens (left-padded); return the logits of the last position, the
-        no-speech probability at <|startoftranscript|>, and the decoder state."""
+    def _prefill(self, features, rows: list[list[int]], rows_per_window: int = 1):
+        """Feed every window's initial tokens (left-padded); return the logits of the last position, the
+        no-speech probability at <|startoftranscript|>, and the decoder state (rows_per_window rows per
+        window, each holding the window's prompt)."""
         length = max(len(r) for r in rows)
         pad = [length - len(r) for r in rows]
         tokens = np.array([[self.tokenizer.eot] * p + r for p, r in zip(pad, rows)])
         sot_index = length - len(self.sot_sequence(None)) - len(self.prefix)
-        state = self.backend.new_state(features, np.array(pad))
+        state = self.backend.new_state(features, np.array(pad), rows_per_window)
         logits, sot_logits = self.backend.prefill(state, tokens, sot_index)
         no_speech = array_module(sot_logits).exp(sot_logits[:, self.tokenizer.no_speech] - logsumexp(sot_logits))
         return logits, no_speech, state
@@ -516,6 +617,62 @@ class DecodingTask:
                 logits = logits[keep]
         self._retire(rows, np.ones(len(rows.index), bool), done_tokens, done_logprobs)
         return [done_tokens[i] for i in range(batch)], done_logprobs, backend.to_host(no_speech)
+
+    def _decode_beams(self, features, windows: list[list[int]]) -> list[tuple[list[int], float, float]]:
+        """Beam search over every window at once: its beams are rows of each step; per window, the
+        ranked best finished sequence (EOT excluded), its sum of log probabilities and no-speech
+        probability. One host wait per step: the beams' top candidates."""
+        backend, beam_size = self.backend, cast(int, self.options.beam_size)
+        logits, no_speech, state = self._prefill(features, windows, rows_per_window=beam_size)
+        search = BeamSearch(len(windows), beam_size, self.options.patience, self.tokenizer.eot)
+        history = TimestampHistory.empty(len(windows), backend.xp)
+        max_steps = min(self.sample_len, self.n_ctx - max(len(w) for w in windows))
+        for step in range(max_steps):
+            values, tokens = self._beam_candidates(logits, history, step, beam_size + 1)
+            backend.submit(values, tokens)
+            chosen = search.advance(backend.to_host(values), backend.to_host(tokens))
+            if search.done or step + 1 == max_steps:
+                break
+            history = self._follow_beams(state, history, chosen, first=step == 0)
+            next_tokens = chosen.tokens
+            if np.count_nonzero(search.complete) * 4 >= len(search.complete):  # complete windows stop costing compute
+                rows = self._drop_complete_windows(search, state)
+                history, next_tokens = history.take(backend.xp.array(rows)), next_tokens[rows]
+            logits = backend.step(state, backend.xp.array(next_tokens.astype(np.int32)))
+        search.finish()
+        no_speech = backend.to_host(no_speech)
+        return [self._best_of_window(search, w, float(no_speech[w])) for w in range(len(windows))]
+
+    def _beam_candidates(self, logits, history: TimestampHistory, n_sampled: int, k: int):
+        """Each row's k most likely tokens after the logit filters, and their log probabilities."""
+        logits = self.suppressor.apply(logits, n_sampled)
+        if self.timestamp_rules is not None:
+            return self.timestamp_rules.top_candidates(logits, history, n_sampled, k)
+        values, tokens = top_k(logits, k)
+        return values - logsumexp(logits, axis=-1, keepdims=True), tokens
+
+    def _follow_beams(self, state, history: TimestampHistory, chosen: Step, first: bool) -> TimestampHistory:
+        """Reorder the rows' caches and histories to the beams they continue; record the new tokens."""
+        xp = self.backend.xp
+        if first:  # a window's rows are alike until now
+            history = TimestampHistory.empty(len(chosen.tokens), xp)
+        else:
+            sources = xp.array(chosen.sources)
+            state.rearrange(sources)
+            history = history.take(sources)
+        return history.push(xp.array(chosen.tokens.astype(np.int32)), self.tokenizer.timestamp_begin)
+
+    def _drop_complete_windows(self, search: BeamSearch, state) -> np.ndarray:
+        """Compact the state to the windows still searching; returns the rows kept."""
+        kept = search.compact()
+        state.take(self.backend.xp.array(kept))
+        return (kept[:, None] * search.beam_size + np.arange(search.beam_size)).reshape(-1)
+
+    def _best_of_window(self, search: BeamSearch, window: int, no_speech: float) -> tuple[list[int], float, float]:
+        tokens, sum_logprobs = search.candidates(window)
+        lengths = np.array([len(t) for t in tokens])
+        best = rank_candidates(sum_logprobs, lengths, self.options.length_penalty)
+        return tokens[best], float(sum_logprobs[best]), no_speech
 
     def _retire(self, rows: _Rows, finished: np.ndarray, done_tokens: dict, done_logprobs: np.ndarray) -> np.ndarray:
         """Move finished rows' results to the host; keep the others. Returns the kept row indices."""

@@ -121,11 +121,15 @@ class TaskCache:
 
     def get(self, temperature: float) -> DecodingTask:
         if temperature not in self.tasks:
-            best_of = self.options.best_of if temperature > 0 else None
-            self.tasks[temperature] = DecodingTask(
-                self.model, replace(self.options, temperature=temperature, best_of=best_of)
-            )
+            self.tasks[temperature] = DecodingTask(self.model, rung_options(self.options, temperature))
         return self.tasks[temperature]
+
+
+def rung_options(options: DecodingOptions, temperature: float) -> DecodingOptions:
+    """openai's fallback ladder: beam search (beam_size, patience) at temperature 0, best_of sampling above."""
+    if temperature > 0:
+        return replace(options, temperature=temperature, beam_size=None, patience=None)
+    return replace(options, temperature=temperature, best_of=None)
 
 
 def decode_with_fallback(
