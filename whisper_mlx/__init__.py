@@ -4,6 +4,7 @@ from .runtime import preload_blas as _preload_blas
 
 _preload_blas()  # before anything imports mlx.core
 
+from . import model_methods  # noqa: E402, F401  (binds openai's model.transcribe/decode/detect_language)
 from ._version import __version__  # noqa: E402
 from .audio import load_audio, log_mel_spectrogram, pad_or_trim  # noqa: E402
 from .backends import backend_info  # noqa: E402

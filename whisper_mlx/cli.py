@@ -156,6 +156,24 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--best-of", type=optional_int, default=5, help="candidates sampled when the temperature is not zero"
     )
     group.add_argument(
+        "--beam-size",
+        type=optional_int,
+        default=None,
+        help="beams searched at temperature 0 (openai's CLI uses 5); default: greedy decoding",
+    )
+    group.add_argument(
+        "--patience",
+        type=optional_float,
+        default=None,
+        help="beam search stops at beam size x patience finished candidates (arXiv:2204.05424); default 1.0",
+    )
+    group.add_argument(
+        "--length-penalty",
+        type=optional_float,
+        default=None,
+        help="rank candidates with Google NMT's length penalty alpha (0 to 1); default: length normalisation",
+    )
+    group.add_argument(
         "--suppress-tokens",
         default="-1",
         help="comma-separated token ids to suppress; -1 suppresses most special characters",

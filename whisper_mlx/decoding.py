@@ -73,8 +73,8 @@ class DecodingOptions:
     def __post_init__(self):
         """Each value on its own; how they combine is checked when decoding starts (verify_options),
         as openai does: transcribe's options carry beam_size for temperature 0 and best_of for the rest."""
-        if self.task not in ("transcribe", "translate"):
-            raise DecodingError(f"task must be 'transcribe' or 'translate', got {self.task!r}")
+        if self.task not in ("transcribe", "translate", "lang_id"):
+            raise DecodingError(f"task must be 'transcribe', 'translate' or 'lang_id', got {self.task!r}")
         if self.temperature < 0:
             raise DecodingError(f"temperature must be >= 0, got {self.temperature}")
         for name in ("best_of", "beam_size"):
@@ -99,6 +99,8 @@ def verify_options(options: DecodingOptions) -> DecodingOptions:
         raise DecodingError("patience requires beam_size to be given")
     if options.beam_size is not None and round(options.beam_size * (options.patience or 1.0)) < 1:
         raise DecodingError(f"beam_size {options.beam_size} with patience {options.patience} keeps no candidate")
+    if options.task == "lang_id":
+        raise DecodingError("task='lang_id' only detects the language: decode() returns it without decoding text")
     return options
 
 
@@ -755,7 +757,10 @@ def _pad_frames(mel: mx.array) -> mx.array:
 def decode_features(
     model: Whisper, audio_features, options: DecodingOptions, prompts: Sequence | None = None
 ) -> list[DecodingResult]:
-    """Decode already-encoded windows, detecting each window's language first if none is set."""
+    """Decode already-encoded windows, detecting each window's language first if none is set (with
+    task="lang_id", only that: results carry `language` and `language_probs`, no text)."""
+    if options.task == "lang_id":
+        return identify_languages(model, audio_features)
     languages = None
     language_probs = None
     if options.language is None and model.is_multilingual:
@@ -767,3 +772,13 @@ def decode_features(
         if language_probs is not None:
             result.language_probs = language_probs[i]
     return results
+
+
+def identify_languages(model: Whisper, audio_features) -> list[DecodingResult]:
+    """openai's task="lang_id": each window's language and language probabilities, no decoding."""
+    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+    _, language_probs = detect_language(model, tokenizer=tokenizer, audio_features=audio_features)
+    return [
+        DecodingResult(audio_features=audio_features[i], language=max(probs, key=probs.get), language_probs=probs)
+        for i, probs in enumerate(language_probs)
+    ]

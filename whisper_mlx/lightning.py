@@ -28,7 +28,8 @@ class LightningWhisperMLX:
         self.quant = quant
         self.model = get_cached_model(self.name, dtype, quant=quant)
 
-    def transcribe(self, audio_path, language: str | None = None, **options) -> dict:
-        """openai's result dict: {"text", "segments": [{"id", "start", "end", "text", ...}], "language"}."""
+    def transcribe(self, audio_path, language: str | None = None, beam_size: int | None = None, **options) -> dict:
+        """openai's result dict: {"text", "segments": [{"id", "start", "end", "text", ...}], "language"}.
+        beam_size: beams searched per window (None: greedy); other options as whisper_mlx.transcribe's."""
         options.setdefault("batch_size", self.batch_size)
-        return transcribe(audio_path, model=self.model, language=language, **options)
+        return transcribe(audio_path, model=self.model, language=language, beam_size=beam_size, **options)

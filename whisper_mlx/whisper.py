@@ -7,6 +7,9 @@ device: attention goes through `mx.fast.scaled_dot_product_attention` everywhere
 
 from __future__ import annotations
 
+import base64
+import gzip
+from collections.abc import Callable
 from typing import Any, cast
 
 import mlx.core as mx
@@ -268,6 +271,11 @@ class DecoderState:
 
 
 class Whisper(nn.Module):
+    # openai-whisper's model methods, bound by whisper_mlx.model_methods: this module knows no decoding
+    transcribe: Callable[..., dict]
+    decode: Callable[..., Any]
+    detect_language: Callable[..., Any]
+
     def __init__(self, dims: ModelDimensions, dtype=mx.float32):
         super().__init__()
         self.dims = dims
@@ -284,6 +292,10 @@ class Whisper(nn.Module):
         self.alignment_heads = np.argwhere(heads)
 
     def set_alignment_heads(self, heads) -> None:
+        """(layer, head) pairs, or openai's dump: base85 of a gzipped (n_text_layer, n_text_head) bool mask."""
+        if isinstance(heads, (bytes, str)):
+            mask = np.frombuffer(gzip.decompress(base64.b85decode(heads)), dtype=bool)
+            heads = np.argwhere(mask.reshape(self.dims.n_text_layer, self.dims.n_text_head))
         heads = np.asarray(heads, dtype=np.int64).reshape(-1, 2)
         if heads.size and (heads[:, 0].max() >= self.dims.n_text_layer or heads[:, 1].max() >= self.dims.n_text_head):
             raise ValueError("alignment heads outside the decoder's layers/heads")
