@@ -10,7 +10,7 @@ from whisper_mlx import transcribe
 from whisper_mlx.backends import backend_for
 from whisper_mlx.decoding import DecodingTask
 
-from fake_backends import CountingBackend, attached, counting
+from fake_backends import counting
 
 JFK_TEXT = " And so my fellow Americans ask not what your country can do for you ask what you can do for your country"
 # tiny.en mishears "good soul" and "shouldered" (mlx-whisper and faster-whisper do too on these weights)
@@ -143,25 +143,50 @@ def test_detect_language_reuses_features(base_model, data_dir):
     assert max(single, key=single.get) == "fr"
 
 
-def test_later_lanes_start_primed_with_the_opening_window(tiny_en, data_dir, monkeypatch):
+def test_lane_heads_are_prompted_with_the_speech_before_them(tiny_en, data_dir, monkeypatch):
+    """Two lanes. Lane 2's lead-in (the 30 s before its cut) is decoded beside lane 1's opening window;
+    lane 2's first window is then prompted with the lead-in's finished segments: the text that precedes
+    it in the recording, as the sequential loop's window there would be."""
     import sys
 
+    from whisper_mlx.segments import split_window
+    from whisper_mlx.tokenizer import get_tokenizer
+
     module = sys.modules["whisper_mlx.transcribe"]
-    batches = []
-    original = module.decode_with_fallback
+    batches, encoded, planned = [], [], []
+    decode, encode, plan = module.decode_with_fallback, module.Context.encode, module.batched_lanes
 
-    def spy(tasks, features, prompts, languages, options):
-        batches.append([list(p) for p in prompts])
-        return original(tasks, features, prompts, languages, options)
+    def spy_decode(tasks, features, prompts, languages, options):
+        results = decode(tasks, features, prompts, languages, options)
+        batches.append(([list(p) for p in prompts], results))
+        return results
 
-    monkeypatch.setattr(module, "decode_with_fallback", spy)
+    def spy_encode(ctx, starts_sizes):
+        encoded.append(list(starts_sizes))
+        return encode(ctx, starts_sizes)
+
+    def spy_plan(ctx, initial_prompt_tokens):
+        planned[:] = plan(ctx, initial_prompt_tokens)
+        return planned
+
+    monkeypatch.setattr(module, "decode_with_fallback", spy_decode)
+    monkeypatch.setattr(module.Context, "encode", spy_encode)
+    monkeypatch.setattr(module, "batched_lanes", spy_plan)
     audio = whisper_mlx.load_audio(str(data_dir / "alice_ch1.flac"))[: 16000 * 130]  # two 60 s lanes
     result = transcribe(audio, model=tiny_en, language="en", batch_size=12)
     check_invariants(result, 130.0)
-    assert [len(b) for b in batches[:2]] == [1, 2]  # the opening window alone, then both lanes
-    assert batches[0] == [[]]
-    opening = [token for s in result["segments"] if s["seek"] == 0 for token in s["tokens"]]
-    assert opening and batches[1] == [opening, opening]  # lane 2 starts with lane 1's previous text
+    first, second = planned
+    cut = second.clips[0][0]
+    assert first.clips[-1][1] == cut and cut > 3000
+    assert encoded[0] == [(0, 3000), (cut - 3000, 3000)]  # lane 1's opening window and lane 2's lead-in
+    assert batches[0][0] == [[], []]
+    lead_in = split_window(get_tokenizer(False), batches[0][1][1], seek=cut - 3000, segment_size=3000)
+    lead_in_text = [token for segment in lead_in.segments for token in segment["tokens"]]
+    assert encoded[1][1][0] == cut and len(lead_in_text) > 50  # then lane 2's first window...
+    assert batches[1][0][1] == lead_in_text  # ...prompted with the lead-in's text
+    # the lead-in's own segments are not in the result: they belong to lane 1
+    assert len(result["segments"]) == len(first.transcript.segments) + len(second.transcript.segments)
+    assert all(s["start"] >= cut / 100 - 1e-6 for s in second.transcript.segments)
     # lane 1's windows inside its lane (same audio span, same prompt) are the sequential loop's windows
     sequential = transcribe(audio, model=tiny_en, language="en")
 
@@ -171,44 +196,9 @@ def test_later_lanes_start_primed_with_the_opening_window(tiny_en, data_dir, mon
 
     assert windows(result)[:2] == windows(sequential)[:2]
 
-    batches.clear()  # without conditioning on previous text there is nothing to prime with
+    encoded.clear()  # without conditioning on previous text there is no lead-in
     transcribe(audio, model=tiny_en, language="en", batch_size=12, condition_on_previous_text=False)
-    assert len(batches[0]) == 2
-
-
-class NoEncodeAhead(CountingBackend):
-    """The same backend, without encoding windows in the background."""
-
-    def encode_ahead(self, mels):
-        return None
-
-
-def test_other_lanes_first_windows_are_encoded_beside_the_opening_window(tiny_en, data_dir, monkeypatch):
-    import threading
-
-    from whisper_mlx.backends.numpy_backend.model import HostEncoder
-
-    backend = backend_for(tiny_en)
-    if backend.name != "numpy":
-        pytest.skip(f"the background encoder is the numpy backend's; this model runs on {backend.name}")
-    encoded_on = []
-    original = HostEncoder.__call__
-
-    def spy(encoder, mel):
-        encoded_on.append((threading.current_thread().name, mel.shape[0]))
-        return original(encoder, mel)
-
-    monkeypatch.setattr(HostEncoder, "__call__", spy)
-    audio = whisper_mlx.load_audio(str(data_dir / "alice_ch1.flac"))[: 16000 * 130]  # two 60 s lanes
-    result = transcribe(audio, model=tiny_en, language="en", batch_size=12)
-    assert encoded_on[0] == ("MainThread", 1)  # the opening window, on both cores, before the others
-    assert ("whisper-mlx-encode-ahead", 1) in encoded_on  # lane 2's first window, beside its decoding
-    assert not any(t.name == "whisper-mlx-encode-ahead" for t in threading.enumerate())  # joined
-    encoded_on.clear()
-    with attached(tiny_en, NoEncodeAhead(backend)):
-        alone = transcribe(audio, model=tiny_en, language="en", batch_size=12)
-    assert "whisper-mlx-encode-ahead" not in {thread for thread, _ in encoded_on}
-    assert alone["segments"] == result["segments"]  # where a window was encoded changes nothing
+    assert encoded[0] == [(0, 3000), (cut, 3000)]
 
 
 @pytest.fixture(scope="module")

@@ -448,8 +448,9 @@ def log_mel_array(audio: AudioInput, n_mels: int = 80, padding: int = 0) -> np.n
     return normalize_log_mel_inplace(_feed_stream(audio, n_mels, padding).finish())
 
 
-def _feed_stream(audio: AudioInput, n_mels: int, padding: int, store_factory=None) -> LogMelStream:
-    """A LogMelStream fed with all of the input (decoded piece by piece) and `padding` zero samples."""
+def _feed_stream(audio: AudioInput, n_mels: int, padding: int, store_factory=None, on_samples=None) -> LogMelStream:
+    """A LogMelStream fed with all of the input (decoded piece by piece) and `padding` zero samples;
+    on_samples, if given, sees every piece of the input too (the VAD reads the waveform in the same pass)."""
     piece = int(_STREAM_PIECE_SECONDS * SAMPLE_RATE)
     if isinstance(audio, (str, os.PathLike)):
         path = _check_audio_path(audio)
@@ -463,6 +464,8 @@ def _feed_stream(audio: AudioInput, n_mels: int, padding: int, store_factory=Non
     stream = LogMelStream(n_mels, expected, store)
     for samples in pieces:
         stream.feed(samples)
+        if on_samples is not None:
+            on_samples(samples)
     if stream.n_samples == 0:
         raise AudioError(f"{audio}: contains no audio samples")
     for start in range(0, max(padding, 0), piece):
@@ -470,11 +473,12 @@ def _feed_stream(audio: AudioInput, n_mels: int, padding: int, store_factory=Non
     return stream
 
 
-def log_mel_frames(audio: AudioInput, n_mels: int = 80, padding: int = 0) -> MelFrames:
+def log_mel_frames(audio: AudioInput, n_mels: int = 80, padding: int = 0, on_samples=None) -> MelFrames:
     """The log-mel of a path or waveform as MelFrames: a path's frames go to a temporary file, so
-    neither its waveform nor its mel is ever whole in memory (bounded memory for hours of audio)."""
+    neither its waveform nor its mel is ever whole in memory (bounded memory for hours of audio).
+    on_samples(piece) is called with each piece of the input's samples (not the padding)."""
     on_disk = isinstance(audio, (str, os.PathLike))
-    stream = _feed_stream(audio, n_mels, padding, _FileFrameStore if on_disk else None)
+    stream = _feed_stream(audio, n_mels, padding, _FileFrameStore if on_disk else None, on_samples)
     if not stream.started:  # shorter than the STFT padding: computed whole, in memory
         raw = stream.finish()
         return MelFrames(raw, raw.shape[0], n_mels)

@@ -153,6 +153,15 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=positive_int, default=1, help="30-second windows decoded together; 1 is sequential"
     )
     group.add_argument(
+        "--vad-filter",
+        type=str2bool,
+        default=False,
+        help="decode only the speech the voice-activity detector finds (batched mode always does)",
+    )
+    group.add_argument(
+        "--vad", default="silero", choices=["silero", "energy"], help="voice-activity detector: Silero VAD or energy"
+    )
+    group.add_argument(
         "--best-of", type=optional_int, default=5, help="candidates sampled when the temperature is not zero"
     )
     group.add_argument(

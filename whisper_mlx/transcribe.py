@@ -6,7 +6,7 @@ The loop state lives in small objects and every step is a function of its own.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import sys
 import threading
 from collections.abc import Sequence
@@ -27,11 +27,13 @@ from .audio import (
     log_mel_frames,
     pad_or_trim,
 )
-from .backends import AheadEncoder, Backend, backend_for
+from .backends import Backend, backend_for
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language, take_rows
 from .errors import DecodingError
 from .segments import clear_empty_segments, split_window
+from .silero import SileroStream
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+from .vad import VAD_METHODS, SpeechMap, clip_regions, energy_speech_map, plan_lanes, silero_speech_map
 from .whisper import Whisper
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -57,6 +59,8 @@ class TranscribeOptions:
     hallucination_silence_threshold: float | None = None  # seconds; needs word_timestamps
     batch_size: int = 1  # 1: sequential (openai semantics); >1: batched windows cut at silences
     verbose: bool | None = None  # True: print segments; False: progress bar; None: quiet
+    vad_filter: bool = False  # sequential mode too decodes only the speech the VAD finds
+    vad: str = "silero"  # the voice-activity detector: "silero" or "energy" (vad.VAD_METHODS)
 
 
 def parse_clip_timestamps(clip_timestamps: str | Sequence[float]) -> tuple[float, ...]:
@@ -198,7 +202,13 @@ class Context:
     tasks: TaskCache  # the decoding options, one prepared task per temperature
     language: str | None = None
     first_window: tuple[int, object] | None = None  # (seek, encoder output) kept from detection
-    ahead: AheadEncoder | None = None  # windows being encoded beside the opening window's decoding
+    speech_probabilities: np.ndarray | None = None  # Silero's, one per 512 samples, when it ran
+
+    def speech_map(self) -> SpeechMap:
+        """Where the speech is, per mel frame, from Silero's probabilities or else the mel's energy."""
+        if self.speech_probabilities is not None:
+            return silero_speech_map(self.speech_probabilities, self.content_frames)
+        return energy_speech_map(self.mel.frame_means(self.content_frames))
 
     @property
     def tokenizer(self):
@@ -213,27 +223,7 @@ class Context:
             features = self.first_window[1]
             self.first_window = None
             return features
-        mine = starts_sizes if self.ahead is None else self.ahead.withdraw(starts_sizes)
-        if len(mine) == len(starts_sizes):
-            return self.backend.encode(np.stack([self.window_frames(s, n) for s, n in mine]))
-        features = {}
-        if mine:  # encoded here while the background encoder finishes its window
-            encoded = self.backend.encode(np.stack([self.window_frames(s, n) for s, n in mine]))
-            features = {key: encoded[i] for i, key in enumerate(mine)}
-        ahead = cast(AheadEncoder, self.ahead)  # some windows are not mine: they are encoded ahead
-        return self.backend.stack([features[key] if key in features else ahead.result(key) for key in starts_sizes])
-
-    def encode_ahead(self, spans: list[WindowSpan]) -> None:
-        """Start encoding these windows beside the caller's decoding, where the backend offers it."""
-        if spans:
-            self.ahead = self.backend.encode_ahead(
-                {(s.seek, s.size): self.window_frames(s.seek, s.size) for s in spans}
-            )
-
-    def stop_encoding_ahead(self) -> None:
-        if self.ahead is not None:
-            self.ahead.close()
-            self.ahead = None
+        return self.backend.encode(np.stack([self.window_frames(s, n) for s, n in starts_sizes]))
 
 
 def detect_file_language(ctx: Context, start: int) -> str:
@@ -419,6 +409,22 @@ class Lane:
     transcript: Transcript
     clip_index: int = 0
     seek: int = 0
+    lead_in: WindowSpan | None = None  # the audio before the lane, decoded first for its text only
+
+    def window(self, content_frames: int) -> WindowSpan | None:
+        """The next window to decode: the lead-in while it is pending, then the lane's own."""
+        return self.lead_in if self.lead_in is not None else self.next_span(content_frames)
+
+    def take_lead_in(self, ctx: Context, span: WindowSpan, result: DecodingResult) -> None:
+        """The lead-in's finished segments become the lane's previous text (its unfinished last words
+        would be the model's guess: the audio stops at the cut); the segments are the previous lane's."""
+        self.lead_in = None
+        if should_skip_as_silence(result, ctx.options):
+            return
+        window = split_window(ctx.tokenizer, result, seek=span.seek, segment_size=span.size)
+        self.transcript.all_tokens.extend(token for segment in window.segments for token in segment["tokens"])
+        if result.temperature > 0.5:  # no prompt after a high temperature, as Transcript.add
+            self.transcript.prompt_reset_since = len(self.transcript.all_tokens)
 
     def next_span(self, content_frames: int) -> WindowSpan | None:
         """The next window to decode, or None when the lane is done."""
@@ -432,34 +438,17 @@ class Lane:
 
 
 def run_lanes(ctx: Context, lanes: list[Lane], progress) -> None:
-    """Step all lanes together: one window of each unfinished lane per batch. Each lane keeps
-    openai's semantics (seek to the last timestamp, prompt with its own previous text), except that
-    the lanes after the first start with the opening window's text as their prompt (prime_lanes)."""
-    try:
-        if len(lanes) > 1 and ctx.options.condition_on_previous_text:
-            decode_opening_window(ctx, lanes, progress)
-        while decode_batch(ctx, lanes, progress):
-            pass
-    finally:
-        ctx.stop_encoding_ahead()
-
-
-def decode_opening_window(ctx: Context, lanes: list[Lane], progress) -> None:
-    """Decode the first lane's first window alone and prime the other lanes with its text. That
-    decoding (one row per step) keeps one core busy, so where the backend can, the other lanes' first
-    windows are encoded beside it."""
-    first = lanes[0].next_span(ctx.content_frames)
-    if first is not None:  # encoded first, on both cores
-        ctx.first_window = (first.seek, ctx.encode([(first.seek, first.size)]))
-    ctx.encode_ahead([span for lane in lanes[1:] if (span := lane.next_span(ctx.content_frames)) is not None])
-    with ctx.ahead.sharing_cores() if ctx.ahead is not None else contextlib.nullcontext():
-        decode_batch(ctx, lanes[:1], progress)
-    prime_lanes(lanes)
+    """Step all lanes together: one window of each unfinished lane per batch. Each lane keeps openai's
+    semantics (seek to the last timestamp, prompt with its own previous text); a lane cut out of the
+    speech before it first decodes that speech's last 30 s for its text (its lead-in), so that its
+    first window is prompted with what precedes it in the recording."""
+    while decode_batch(ctx, lanes, progress):
+        pass
 
 
 def decode_batch(ctx: Context, lanes: list[Lane], progress) -> bool:
     """Decode the next window of each unfinished lane together; False when every lane is done."""
-    active = [(lane, span) for lane in lanes if (span := lane.next_span(ctx.content_frames)) is not None]
+    active = [(lane, span) for lane in lanes if (span := lane.window(ctx.content_frames)) is not None]
     if not active:
         return False
     features = ctx.encode([(span.seek, span.size) for _, span in active])
@@ -468,6 +457,9 @@ def decode_batch(ctx: Context, lanes: list[Lane], progress) -> bool:
     prompts = [lane.transcript.prompt(ctx.options, ctx.model.dims.n_text_ctx) for lane, _ in active]
     results = decode_with_fallback(ctx.tasks, features, prompts, [ctx.language] * len(active), ctx.options)
     for i, ((lane, span), result) in enumerate(zip(active, results)):
+        if span is lane.lead_in:
+            lane.take_lead_in(ctx, span, result)
+            continue
         lane.seek = process_window(ctx, lane.transcript, span, features[i : i + 1], result)
         progress(min(ctx.content_frames, lane.seek) - span.seek)
     del features, results
@@ -475,27 +467,28 @@ def decode_batch(ctx: Context, lanes: list[Lane], progress) -> bool:
     return True
 
 
-def prime_lanes(lanes: list[Lane]) -> None:
-    """Give every later lane the first lane's text so far (its opening window) as previous text.
-
-    A lane that starts cold loses the names and terms the recording set up earlier (docs/experiments.md).
-    The opening window is decoded alone first, so the other lanes start one batch later."""
-    first = lanes[0].transcript
-    for lane in lanes[1:]:
-        lane.transcript.all_tokens = list(first.all_tokens)
-        lane.transcript.prompt_reset_since = first.prompt_reset_since
-
-
 def batched_lanes(ctx: Context, initial_prompt_tokens: list[int]) -> list[Lane]:
-    """Split the speech (found by the VAD) into up to batch_size lanes, cut in silences."""
-    from .vad import plan_lanes
-
+    """Split the speech (found by the VAD) into up to batch_size lanes, cut in pauses; with previous-text
+    conditioning, each lane cut out of the speech before it gets a lead-in."""
     clips = seek_clips(ctx.options.clip_timestamps, ctx.content_frames)
-    energy = ctx.mel.frame_means(ctx.content_frames)
-    return [
+    lanes = [
         Lane(lane_clips, Transcript(initial_prompt_tokens, list(initial_prompt_tokens)))
-        for lane_clips in plan_lanes(energy, clips, ctx.options.batch_size)
+        for lane_clips in plan_lanes(ctx.speech_map(), clips, ctx.options.batch_size)
     ]
+    if ctx.options.condition_on_previous_text:
+        for before, lane in itertools.pairwise(lanes):
+            lane.lead_in = lead_in_window(before, lane)
+    return lanes
+
+
+def lead_in_window(before: Lane, lane: Lane) -> WindowSpan | None:
+    """Up to 30 s of the speech before a lane that was cut out of it; None where the previous lane
+    ended in a skipped silence or at the end of a clip (there is nothing said just before)."""
+    region_start, region_end = before.clips[-1]
+    if region_end != lane.clips[0][0]:
+        return None
+    start = max(region_start, region_end - N_FRAMES)
+    return WindowSpan(start, region_end - start)
 
 
 def clamp_segment(segment: dict, end: float) -> dict:
@@ -555,6 +548,8 @@ def build_options(temperature, batch_size, verbose, clip_timestamps, **kwargs) -
     )
     if options.hallucination_silence_threshold is not None and not options.word_timestamps:
         raise DecodingError("hallucination_silence_threshold requires word_timestamps=True")
+    if options.vad not in VAD_METHODS:
+        raise DecodingError(f"vad must be one of {', '.join(VAD_METHODS)}, got {options.vad!r}")
     return options
 
 
@@ -603,6 +598,8 @@ def transcribe(
     hallucination_silence_threshold: float | None = None,
     batch_size: int | None = None,
     backend: str | None = None,
+    vad_filter: bool = False,
+    vad: str = "silero",
     **decode_options,
 ) -> dict:
     """Transcribe an audio file or waveform; returns openai-whisper's result dict
@@ -611,6 +608,8 @@ def transcribe(
     batch_size=1 (default) runs openai's sequential loop (each window conditioned on the previous
     text); batch_size>1 decodes that many windows at once, cut at silences, each prompted with the
     initial prompt only. backend: "auto", "mlx" or "numpy" (default: the model's, see backends).
+    vad_filter: decode only the speech the voice-activity detector finds (batched mode always does);
+    vad: that detector, "silero" (Silero VAD, the default) or "energy" (the mel's loudness).
     Remaining keywords are DecodingOptions fields (language, task, fp16, ...).
     """
     model, model_backend = resolve_model(model, path_or_hf_repo, decode_options.get("fp16"), backend)
@@ -629,9 +628,12 @@ def transcribe(
         prepend_punctuations=prepend_punctuations,
         append_punctuations=append_punctuations,
         hallucination_silence_threshold=hallucination_silence_threshold,
+        vad_filter=vad_filter,
+        vad=vad,
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
-    mel = log_mel_frames(audio, model.dims.n_mels, padding=N_SAMPLES)
+    silero = SileroStream() if options.vad == "silero" and (options.batch_size > 1 or options.vad_filter) else None
+    mel = log_mel_frames(audio, model.dims.n_mels, padding=N_SAMPLES, on_samples=silero.feed if silero else None)
     ctx = Context(
         model,
         model_backend,
@@ -640,6 +642,7 @@ def transcribe(
         options,
         TaskCache(model, decoding),
         language=decoding.language,
+        speech_probabilities=silero.finish() if silero else None,
     )
     if word_timestamps and decoding.task == "translate":
         import warnings
@@ -665,9 +668,11 @@ def run_transcription(ctx: Context) -> dict:
             lanes = batched_lanes(ctx, prompt_tokens)
         else:
             clips = seek_clips(options.clip_timestamps, ctx.content_frames)
-            if ctx.language is None:
+            if options.vad_filter:
+                clips = clip_regions(ctx.speech_map(), clips)
+            if ctx.language is None and clips:
                 ctx.language = detect_file_language(ctx, clips[0][0])
-            lanes = [Lane(clips, transcript)]
+            lanes = [Lane(clips, transcript)] if clips else []
         run_lanes(ctx, lanes, progress)
     segments = merge_lanes(lanes)
     return {"text": "".join(s["text"] for s in segments), "segments": segments, "language": ctx.language or "en"}

@@ -109,9 +109,9 @@ def run_whole(tasks: list) -> list:
 
 class BackgroundEncoder:
     """Encodes windows with the numpy encoder on a background thread, on one core, one window at a
-    time, while the calling thread decodes. The opening window of a batched transcription is decoded
-    alone, on one core (transcribe.decode_opening_window): the other lanes' first windows are encoded
-    beside it.
+    time, while the calling thread decodes one row on the other core. transcribe used it beside the
+    opening window decoded alone; since lanes start with lead-ins no window is decoded alone, and
+    transcribe no longer calls it (docs/experiments.md).
 
     The outputs are the same bits as the encoder's on the calling thread (test): which thread encoded
     a window never changes a transcript."""
