@@ -2,6 +2,8 @@
 logits through the backend interface (numpy and MLX arrays), and on a random-weight model through both
 real backends: beams batched equal windows decoded alone, and the backends agree."""
 
+import itertools
+import os
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -281,9 +283,9 @@ LS_BEAM5 = (
 )
 
 
-@pytest.fixture(scope="module", params=["auto", "mlx"])
+@pytest.fixture(scope="module", params=["auto", "mlx"] if os.environ.get("WHISPER_MLX_BACKEND") != "mlx" else ["mlx"])
 def tiny_en_on(request):
-    """tiny.en on the suite's backend (auto: numpy on this CPU), and on the MLX backend."""
+    """tiny.en on the suite's backend (auto: numpy on a CPU), and on the MLX backend."""
     from whisper_mlx.load_models import default_model_path, get_cached_model
 
     return get_cached_model(default_model_path(), backend=None if request.param == "auto" else request.param)
@@ -320,3 +322,19 @@ def test_five_beams_with_prompt_prefix_and_word_timestamps(tiny_en, data_dir):
         assert all(w["start"] <= w["end"] for w in segment["words"])
     prefixed = transcribe(path, model=tiny_en, prefix="And so my", without_timestamps=True, **beams)
     assert prefixed["text"].startswith(" fellow Americans ask not")  # the text after the forced prefix
+
+
+@pytest.mark.slow
+def test_five_beams_in_batched_lanes(tiny_en, data_dir):
+    """130 s: two lanes whose windows are decoded together, five beams each, each lane its own seek loop."""
+    import whisper_mlx
+    from whisper_mlx import transcribe
+
+    audio = whisper_mlx.load_audio(str(data_dir / "alice_ch1.flac"))[: 16000 * 130]
+    result = transcribe(audio, model=tiny_en, language="en", batch_size=12, beam_size=5)
+    segments = result["segments"]
+    assert result["text"] == "".join(s["text"] for s in segments)
+    assert all(a["end"] <= b["start"] + 1e-6 and a["start"] <= a["end"] for a, b in itertools.pairwise(segments))
+    assert len({s["seek"] for s in segments}) >= 5  # windows of both lanes
+    assert max(s["end"] for s in segments) > 120.0
+    assert "Alice" in result["text"] and "rabbit" in result["text"]

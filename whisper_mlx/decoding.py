@@ -227,7 +227,7 @@ class ApplyTimestampRules:
         """The k most likely tokens of each row under the rules (unordered) and their log probabilities:
         top-k of log_softmax(apply()), from the regions' reductions and their own top-k."""
         xp = array_module(logits)
-        view = self._regions(logits, history, n_sampled)
+        view = self._regions(logits, history, n_sampled, argmax=False)
         eot_value = view.regions[1].max[:, None]
         parts = [
             (*top_k(view.text, k), 0, view.allowed[0]),
@@ -240,9 +240,10 @@ class ApplyTimestampRules:
         values, tokens = largest(values, tokens, k)
         return values - logsumexp(view.lses(), axis=-1)[:, None], tokens
 
-    def _regions(self, logits, history: TimestampHistory, n_sampled: int) -> _RuleRegions:
+    def _regions(self, logits, history: TimestampHistory, n_sampled: int, argmax: bool = True) -> _RuleRegions:
         """The vocabulary in four regions (text, EOT, the other specials, timestamps) with the rules
-        applied: the timestamps' additive mask, and per row which other regions may be sampled."""
+        applied: the timestamps' additive mask, and per row which other regions may be sampled (with
+        argmax, each region's best token too)."""
         eot, ts_begin, xp = self.eot, self.ts_begin, array_module(logits)
         masks = self.masks[xp]
         text, special, stamps = logits[:, :eot], logits[:, eot + 1 : ts_begin], logits[:, ts_begin:]
@@ -250,7 +251,7 @@ class ApplyTimestampRules:
         stamps = stamps + self._timestamp_bias(history, n_sampled, masks.first_stamps, masks.ts_vocab)
         text_ok, eot_ok = self._text_allowed(history, n_sampled)
         regions = [
-            _Region.of(text, 0),
+            _Region.of(text, 0, argmax),
             _Region.of(logits[:, eot : eot + 1], eot),
             _Region.of(special, eot + 1),
             _Region.of(stamps, ts_begin),
@@ -320,17 +321,18 @@ class _Region:
     """Reductions of one slice of the vocabulary: max, its token id, and logsumexp."""
 
     max: mx.array
-    token: mx.array
+    token: Any  # (B,) the best token, or None where not asked for
     lse: mx.array
 
     @classmethod
-    def of(cls, logits: mx.array, first_token: int) -> _Region:
+    def of(cls, logits: mx.array, first_token: int, argmax: bool = True) -> _Region:
         xp = array_module(logits)
         top = xp.max(logits, axis=-1)
         safe_top = xp.where(top == NEG_INF, 0.0, top).astype(logits.dtype)  # all-masked stays -inf, not NaN
         with np.errstate(divide="ignore"):
             lse = safe_top + xp.log(xp.sum(xp.exp(logits - safe_top[:, None]), axis=-1))
-        return cls(top, xp.argmax(logits, axis=-1).astype(xp.int32) + first_token, lse)
+        token = xp.argmax(logits, axis=-1).astype(xp.int32) + first_token if argmax else None
+        return cls(top, token, lse)
 
     @classmethod
     def constant(cls, value: mx.array, token: int) -> _Region:
@@ -361,24 +363,25 @@ class TimestampHistory:
 
 # ------------------------------------------------------------------------------ token selection
 
-TOP_K_BLOCK = 64  # columns per block of top_k: a row's block maxima are a 64th of its width
+TOP_K_GROUP = 64  # columns per group of top_k: a row's group maxima are a 64th of its width
 
 
 def top_k(x, k: int):
-    """The k largest entries of each row of x (B, V), unordered, and their columns (int32). The
-    maxima of the rows' blocks of TOP_K_BLOCK columns name the k blocks that hold them (k blocks hold k
-    entries at least as large as any other block's), and only those are searched: a partition of whole
-    50k-wide rows is slow on the CPU (docs/performance.md)."""
+    """The k largest entries of each row of x (B, V), unordered, and their columns (int32). The columns
+    fall into groups of TOP_K_GROUP (strided: column c in group c mod V // TOP_K_GROUP, so that the
+    group maxima are one elementwise pass); the maxima name the k groups that hold the k largest (k
+    groups hold k entries at least as large as any other group's), and only those are searched: a
+    partition of whole 50k-wide rows is slow on the CPU (docs/performance.md)."""
     xp = array_module(x)
     rows, width = x.shape
     k = min(k, width)
-    blocks = width // TOP_K_BLOCK
-    if blocks <= k:
+    stride = width // TOP_K_GROUP
+    if stride <= k:
         return largest(x, xp.broadcast_to(xp.arange(width, dtype=xp.int32)[None], (rows, width)), k)
-    main = x[:, : blocks * TOP_K_BLOCK].reshape(rows, blocks, TOP_K_BLOCK)
-    best = xp.argpartition(-xp.max(main, axis=-1), k - 1, axis=-1)[:, :k].astype(xp.int32)
-    columns = (best[:, :, None] * TOP_K_BLOCK + xp.arange(TOP_K_BLOCK, dtype=xp.int32)).reshape(rows, -1)
-    tail = xp.arange(blocks * TOP_K_BLOCK, width, dtype=xp.int32)
+    grouped = x[:, : stride * TOP_K_GROUP].reshape(rows, TOP_K_GROUP, stride)
+    best = xp.argpartition(-xp.max(grouped, axis=1), k - 1, axis=-1)[:, :k].astype(xp.int32)
+    columns = (best[:, :, None] + stride * xp.arange(TOP_K_GROUP, dtype=xp.int32)).reshape(rows, -1)
+    tail = xp.arange(stride * TOP_K_GROUP, width, dtype=xp.int32)
     columns = xp.concatenate([columns, xp.broadcast_to(tail[None], (rows, tail.shape[0]))], axis=1)
     return largest(xp.take_along_axis(x, columns, axis=1), columns, k)
 
