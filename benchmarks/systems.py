@@ -33,6 +33,7 @@ class System:
     venv: str | None = None  # None: the current interpreter
     install: tuple[tuple[str, ...], ...] = ()  # pip install steps, in order
     batch_size: int = 1
+    beam_size: int = 1  # 1: greedy; faster-whisper's default and openai's CLI search 5 beams
     dtype: str | None = None  # None: float32 on CPU, float16 on Metal (MLX systems)
     blas: bool = False  # preload the optimized BLAS before mlx.core (Linux CPU)
     notes: str = ""
@@ -64,6 +65,25 @@ SYSTEMS: list[System] = [
         tags=frozenset({"whisper_mlx", "quick"}),
     ),
     System(
+        "whisper_mlx-beam5-batched",
+        "whisper_mlx (batched 12, 5 beams)",
+        "whisper_mlx_runner.py",
+        "mlx",
+        batch_size=12,
+        beam_size=5,
+        notes="beam_size=5, best_of=5 (openai's CLI defaults)",
+        tags=frozenset({"beam"}),
+    ),
+    System(
+        "whisper_mlx-beam5",
+        "whisper_mlx (sequential, 5 beams)",
+        "whisper_mlx_runner.py",
+        "mlx",
+        beam_size=5,
+        notes="beam_size=5, best_of=5 (openai's CLI defaults)",
+        tags=frozenset({"beam"}),
+    ),
+    System(
         "mlx-whisper",
         "mlx-whisper 0.4.3",
         blas=LINUX,
@@ -93,6 +113,24 @@ SYSTEMS: list[System] = [
         dtype="int8",
         notes="CTranslate2, greedy",
         tags=frozenset({"faster-whisper"}),
+        **_FASTER,
+    ),
+    System(
+        "faster-whisper-beam5-fp32",
+        "faster-whisper fp32, 5 beams",
+        dtype="float32",
+        beam_size=5,
+        notes="CTranslate2, its default decoding (beam_size=5, best_of=5)",
+        tags=frozenset({"beam"}),
+        **_FASTER,
+    ),
+    System(
+        "faster-whisper-beam5-int8",
+        "faster-whisper int8, 5 beams",
+        dtype="int8",
+        beam_size=5,
+        notes="CTranslate2, its default decoding (beam_size=5, best_of=5)",
+        tags=frozenset({"beam"}),
         **_FASTER,
     ),
     System(
@@ -179,7 +217,8 @@ def runner_command(system: System, python: Path, model: Path, samples: Path, war
                    dtype: str, blas_path: str | None, language: str = "en") -> list[str]:  # fmt: skip
     command = [str(python), str(RUNNER_DIR / system.runner), "--model", str(model), "--audio", str(samples),
                "--warmup-audio", str(warmup), "--runs", str(runs), "--language", language,
-               "--batch-size", str(system.batch_size), "--dtype", system.dtype or dtype]  # fmt: skip
+               "--batch-size", str(system.batch_size), "--beam-size", str(system.beam_size),
+               "--dtype", system.dtype or dtype]  # fmt: skip
     if system.blas and blas_path:
         command += ["--blas", blas_path]
     return command

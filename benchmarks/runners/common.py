@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--language", default="en")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--beam-size", type=int, default=1, help="1: greedy; more: beam search (best_of 5)")
     parser.add_argument("--dtype", default="float32", help="float32|float16 (MLX) or a CTranslate2 compute type")
     parser.add_argument("--blas", default="", help="shared library to load with RTLD_GLOBAL before mlx.core")
     return parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""faster-whisper (CTranslate2) on one file, greedy (beam_size=1) like the MLX systems.
+"""faster-whisper (CTranslate2) on one file: greedy (beam_size=1) like the MLX systems, or with
+``--beam-size 5`` its own default decoding (5 beams, best_of 5).
 
 ``--batch-size`` > 1 uses ``BatchedInferencePipeline`` (which segments with its bundled Silero VAD).
 """
@@ -15,7 +16,7 @@ def load():
 
 
 def transcribe(model, samples):
-    options = {"language": args.language, "beam_size": 1}
+    options = {"language": args.language, "beam_size": args.beam_size}
     if args.batch_size > 1:
         options["batch_size"] = args.batch_size
     segments, _ = model.transcribe(samples, **options)
@@ -23,5 +24,5 @@ def transcribe(model, samples):
 
 
 measure(load, transcribe, args, {"blas": "n/a (CTranslate2)", "device": "cpu", "dtype": args.dtype,
-                                 "batch_size": args.batch_size,
+                                 "batch_size": args.batch_size, "beam_size": args.beam_size,
                                  "versions": versions("faster-whisper", "ctranslate2", "numpy")})  # fmt: skip
