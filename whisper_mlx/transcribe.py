@@ -632,8 +632,7 @@ def transcribe(
         vad=vad,
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
-    silero = SileroStream() if options.vad == "silero" and (options.batch_size > 1 or options.vad_filter) else None
-    mel = log_mel_frames(audio, model.dims.n_mels, padding=N_SAMPLES, on_samples=silero.feed if silero else None)
+    mel, speech_probabilities = mel_and_speech(audio, model.dims.n_mels, options)
     ctx = Context(
         model,
         model_backend,
@@ -642,13 +641,21 @@ def transcribe(
         options,
         TaskCache(model, decoding),
         language=decoding.language,
-        speech_probabilities=silero.finish() if silero else None,
+        speech_probabilities=speech_probabilities,
     )
     if word_timestamps and decoding.task == "translate":
         import warnings
 
         warnings.warn("Word-level timestamps on translations may not be reliable.", stacklevel=2)
     return run_transcription(ctx)
+
+
+def mel_and_speech(audio, n_mels: int, options: TranscribeOptions) -> tuple[MelFrames, np.ndarray | None]:
+    """The log-mel, and where a Silero VAD is needed Silero's speech probabilities from the same pass."""
+    needed = options.vad == "silero" and (options.batch_size > 1 or options.vad_filter)
+    silero = SileroStream() if needed else None
+    mel = log_mel_frames(audio, n_mels, padding=N_SAMPLES, on_samples=silero.feed if silero else None)
+    return mel, silero.finish() if silero else None
 
 
 def run_transcription(ctx: Context) -> dict:
