@@ -8,6 +8,7 @@ output ever replaces an input file.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -472,8 +473,15 @@ def run_all(args: argparse.Namespace, inputs: Sequence[str], model) -> int:
     return 1 if failed else 0
 
 
+# subcommands with their own options and optional extras; their modules are imported only when used
+SUBCOMMANDS = {"serve": "whisper_mlx.server", "corpus": "whisper_mlx.corpus"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 1 if any input or the model failed, 2 for usage errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS and not Path(argv[0]).exists():  # an audio file may be called "serve"
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
