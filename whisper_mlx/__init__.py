@@ -10,9 +10,11 @@ from .audio import load_audio, log_mel_spectrogram, pad_or_trim  # noqa: E402
 from .backends import backend_info  # noqa: E402
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language  # noqa: E402
 from .load_models import load_model  # noqa: E402
+from .many import BatchEngine, transcribe_many  # noqa: E402
 from .transcribe import transcribe  # noqa: E402
 
 __all__ = [
+    "BatchEngine",
     "DecodingOptions",
     "DecodingResult",
     "LightningWhisperMLX",
@@ -26,6 +28,7 @@ __all__ = [
     "log_mel_spectrogram",
     "pad_or_trim",
     "transcribe",
+    "transcribe_many",
 ]
 
 

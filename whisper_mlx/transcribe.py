@@ -6,6 +6,7 @@ The loop state lives in small objects and every step is a function of its own.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 import threading
@@ -446,25 +447,59 @@ def run_lanes(ctx: Context, lanes: list[Lane], progress) -> None:
         pass
 
 
+@dataclass
+class LaneWindow:
+    """The next window of one lane of one input: a row of a decoding batch."""
+
+    ctx: Context
+    lane: Lane
+    span: WindowSpan
+
+
+def next_windows(ctx: Context, lanes: list[Lane]) -> list[LaneWindow]:
+    """The next window of each unfinished lane, in lane order."""
+    return [LaneWindow(ctx, lane, span) for lane in lanes if (span := lane.window(ctx.content_frames)) is not None]
+
+
 def decode_batch(ctx: Context, lanes: list[Lane], progress) -> bool:
     """Decode the next window of each unfinished lane together; False when every lane is done."""
-    active = [(lane, span) for lane in lanes if (span := lane.window(ctx.content_frames)) is not None]
-    if not active:
+    windows = next_windows(ctx, lanes)
+    if not windows:
         return False
-    features = ctx.encode([(span.seek, span.size) for _, span in active])
-    if ctx.language is None:
-        ctx.language = language_of(ctx, features[0:1])
-    prompts = [lane.transcript.prompt(ctx.options, ctx.model.dims.n_text_ctx) for lane, _ in active]
-    results = decode_with_fallback(ctx.tasks, features, prompts, [ctx.language] * len(active), ctx.options)
-    for i, ((lane, span), result) in enumerate(zip(active, results)):
-        if span is lane.lead_in:
-            lane.take_lead_in(ctx, span, result)
-            continue
-        lane.seek = process_window(ctx, lane.transcript, span, features[i : i + 1], result)
-        progress(min(ctx.content_frames, lane.seek) - span.seek)
-    del features, results
-    ctx.backend.free_cached_buffers()
+    decode_windows(windows, lambda _ctx, frames: progress(frames))
     return True
+
+
+def encode_windows(windows: list[LaneWindow]):
+    """Encoder outputs of the windows; one input's batch may reuse its language-detection window."""
+    first = windows[0].ctx
+    if all(w.ctx is first for w in windows):
+        return first.encode([(w.span.seek, w.span.size) for w in windows])
+    return first.backend.encode(np.stack([w.ctx.window_frames(w.span.seek, w.span.size) for w in windows]))
+
+
+def decode_windows(windows: list[LaneWindow], progress=None) -> None:
+    """Decode windows together, of one input or of several sharing their options (ctx.tasks and the
+    fallback thresholds); each row depends only on its own lane, so each input's result is the same
+    whatever else shares the batch. progress(ctx, frames) hears how far each lane moved."""
+    features = encode_windows(windows)
+    for i, w in enumerate(windows):
+        if w.ctx.language is None:  # from the input's first window in its first batch, as alone
+            w.ctx.language = language_of(w.ctx, features[i : i + 1])
+    n_text_ctx = windows[0].ctx.model.dims.n_text_ctx
+    prompts = [w.lane.transcript.prompt(w.ctx.options, n_text_ctx) for w in windows]
+    languages = [w.ctx.language for w in windows]
+    lead = windows[0].ctx
+    results = decode_with_fallback(lead.tasks, features, prompts, languages, lead.options)
+    for i, (w, result) in enumerate(zip(windows, results)):
+        if w.span is w.lane.lead_in:
+            w.lane.take_lead_in(w.ctx, w.span, result)
+            continue
+        w.lane.seek = process_window(w.ctx, w.lane.transcript, w.span, features[i : i + 1], result)
+        if progress is not None:
+            progress(w.ctx, min(w.ctx.content_frames, w.lane.seek) - w.span.seek)
+    del features, results
+    lead.backend.free_cached_buffers()
 
 
 def batched_lanes(ctx: Context, initial_prompt_tokens: list[int]) -> list[Lane]:
@@ -650,6 +685,31 @@ def transcribe(
     return run_transcription(ctx)
 
 
+# transcribe()'s keywords that choose the model rather than how an input is transcribed
+MODEL_KEYWORDS = ("model", "path_or_hf_repo", "backend")
+
+
+def options_from_keywords(model: Whisper, keywords: dict) -> tuple[TranscribeOptions, DecodingOptions]:
+    """transcribe()'s keywords (its defaults for the others) as the options it would run with; a
+    keyword it does not take is a DecodingError here (one input's bad option, not a programming error)."""
+    chosen = sorted(set(keywords) & set(MODEL_KEYWORDS))
+    if chosen:
+        raise DecodingError(f"{', '.join(chosen)}: fixed by the engine's model, not set per input")
+    parameters = inspect.signature(transcribe).parameters
+    named = {
+        name: keywords.get(name, p.default)
+        for name, p in parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in MODEL_KEYWORDS
+    }
+    decode_options = {k: v for k, v in keywords.items() if k not in parameters}
+    unknown = sorted(set(decode_options) - _DECODING_FIELDS)
+    if unknown:
+        raise DecodingError(f"unknown transcription option(s): {', '.join(unknown)}")
+    temperature, batch_size, verbose = named.pop("temperature"), named.pop("batch_size"), named.pop("verbose")
+    options = build_options(temperature, batch_size, verbose, named.pop("clip_timestamps"), **named)
+    return options, build_decoding_options(model, decode_options, options.temperatures)
+
+
 def mel_and_speech(audio, n_mels: int, options: TranscribeOptions) -> tuple[MelFrames, np.ndarray | None]:
     """The log-mel, and where a Silero VAD is needed Silero's speech probabilities from the same pass."""
     needed = options.vad == "silero" and (options.batch_size > 1 or options.vad_filter)
@@ -659,27 +719,37 @@ def mel_and_speech(audio, n_mels: int, options: TranscribeOptions) -> tuple[MelF
 
 
 def run_transcription(ctx: Context) -> dict:
-    options = ctx.options
-    prompt_tokens = ctx.tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
-    transcript = Transcript(initial_prompt_tokens=prompt_tokens, all_tokens=list(prompt_tokens))
     duration = ctx.content_frames / FRAMES_PER_SECOND
     with tqdm.tqdm(
         total=round(duration, 2),
         unit="s",
         unit_scale=False,
-        disable=options.verbose is not False,
+        disable=ctx.options.verbose is not False,
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
     ) as bar:
         progress = lambda frames: bar.update(max(0, frames) / FRAMES_PER_SECOND)  # noqa: E731
-        if options.batch_size > 1:
-            lanes = batched_lanes(ctx, prompt_tokens)
-        else:
-            clips = seek_clips(options.clip_timestamps, ctx.content_frames)
-            if options.vad_filter:
-                clips = clip_regions(ctx.speech_map(), clips)
-            if ctx.language is None and clips:
-                ctx.language = detect_file_language(ctx, clips[0][0])
-            lanes = [Lane(clips, transcript)] if clips else []
+        lanes = plan_input_lanes(ctx)
         run_lanes(ctx, lanes, progress)
+    return lanes_result(ctx, lanes)
+
+
+def plan_input_lanes(ctx: Context) -> list[Lane]:
+    """One input's lanes: VAD lanes when batched, else one lane of openai's seek loop over the clips
+    (the language detected from its first window, which is kept for decoding that window)."""
+    options = ctx.options
+    prompt_tokens = ctx.tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+    if options.batch_size > 1:
+        return batched_lanes(ctx, prompt_tokens)
+    clips = seek_clips(options.clip_timestamps, ctx.content_frames)
+    if options.vad_filter:
+        clips = clip_regions(ctx.speech_map(), clips)
+    if ctx.language is None and clips:
+        ctx.language = detect_file_language(ctx, clips[0][0])
+    transcript = Transcript(initial_prompt_tokens=prompt_tokens, all_tokens=list(prompt_tokens))
+    return [Lane(clips, transcript)] if clips else []
+
+
+def lanes_result(ctx: Context, lanes: list[Lane]) -> dict:
+    """openai's result dict from an input's finished lanes."""
     segments = merge_lanes(lanes)
     return {"text": "".join(s["text"] for s in segments), "segments": segments, "language": ctx.language or "en"}
