@@ -1,0 +1,42 @@
+"""Load the model, build the engine and the app, and run uvicorn until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from ..errors import WhisperMLXError
+from ..load_models import default_model_path, load_model
+from ..many import BatchEngine
+from .app import create_app
+
+PROG = "whisper_mlx serve"
+
+
+def served_name(model_arg: str | None) -> str:
+    """The model's id in /v1/models: as the user named it, or the default model's directory name."""
+    return model_arg or Path(default_model_path()).name
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        model = load_model(args.model, backend=args.backend)
+    except (WhisperMLXError, OSError, ValueError, ImportError) as exc:
+        print(f"{PROG}: error: cannot load the model: {exc}", file=sys.stderr)
+        return 1
+    with BatchEngine(model, batch_size=args.batch_size) as engine:
+        app = create_app(
+            model,
+            engine=engine,
+            model_name=served_name(args.model),
+            api_key=args.api_key,
+            max_upload_mb=args.max_upload_mb,
+            max_queue=args.max_queue,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
