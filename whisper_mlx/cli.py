@@ -459,18 +459,110 @@ def run_all(args: argparse.Namespace, inputs: Sequence[str], model) -> int:
     protected = [path for path in args.audio if path != STDIN]
     names = assign_output_names(inputs, args.output_name)
     os.makedirs(args.output_dir, exist_ok=True)
+    if len(inputs) > 1 and engine_can_run(model):
+        return run_many(args, inputs, names, model, options, protected)
     failed = False
     for audio, name in zip(inputs, names):
         label = "<stdin>" if audio == STDIN else audio
         try:
             transcribe_one(audio, name, model, args, options, protected)
-        except (WhisperMLXError, OSError, ValueError) as exc:
-            report_error(label, _message_without_path(exc, audio))
-            failed = True
         except Exception as exc:  # keep going with the other files
-            report_error(label, f"unexpected {type(exc).__name__}: {exc}")
+            report_failure(label, audio, exc)
             failed = True
     return 1 if failed else 0
+
+
+def report_failure(label: str, audio: str, exc: BaseException) -> None:
+    if isinstance(exc, (WhisperMLXError, OSError, ValueError)):
+        report_error(label, _message_without_path(exc, audio))
+    else:
+        report_error(label, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def engine_can_run(model) -> bool:
+    """Whether the batching engine can drive this model (a loaded Whisper; not a stand-in)."""
+    from .whisper import Whisper
+
+    return isinstance(model, Whisper)
+
+
+MANY_BATCH_SIZE = 12  # windows per batch across files, whatever --batch-size cuts each file into
+
+
+def run_many(args: argparse.Namespace, inputs: Sequence[str], names: list, model, options: dict, protected) -> int:
+    """Several files through transcribe_many, each file's outputs written as it completes; each file
+    transcribed as `transcribe` does it alone (its own --batch-size lanes)."""
+    from .many import transcribe_many
+
+    failed = False
+    jobs: dict[str, list[tuple[str, str]]] = {}  # audio file -> (input as given, output name) per mention
+    for audio, name in zip(inputs, names):
+        try:
+            for target in output_paths(args.output_format, args.output_dir, name):
+                ensure_not_overwriting(target, protected)
+            audio_file = read_stdin_to_file(sys.stdin.buffer.read()) if audio == STDIN else audio
+        except Exception as exc:
+            report_failure("<stdin>" if audio == STDIN else audio, audio, exc)
+            failed = True
+            continue
+        jobs.setdefault(audio_file, []).append((audio, name))
+    verbose = options.pop("verbose", None)  # segments print per file, not interleaved across files
+    input_batch_size = options.pop("batch_size", None) or 1
+    batch_size = max(MANY_BATCH_SIZE, input_batch_size)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", WhisperMLXWarning)
+            files = [audio_file for audio_file, mentions in jobs.items() for _ in mentions]
+            try:
+                for item, result in transcribe_many(
+                    files, model=model, batch_size=batch_size, input_batch_size=input_batch_size, **options
+                ):
+                    audio, name = jobs[str(item)].pop(0)
+                    report_caught_warnings(caught, jobs, inputs)
+                    failed |= not write_completed(args, audio, str(item), name, result, protected, verbose)
+            except Exception as exc:  # options every file shares are bad: each remaining file fails with them
+                for audio_file, mentions in jobs.items():
+                    for audio, _ in mentions:
+                        report_failure("<stdin>" if audio == STDIN else audio, audio_file, exc)
+                failed = True
+            report_caught_warnings(caught, jobs, inputs)
+    finally:
+        for audio_file in jobs:
+            if audio_file not in inputs:  # stdin's temporary file
+                os.unlink(audio_file)
+    return 1 if failed else 0
+
+
+def report_caught_warnings(caught: list, jobs: dict, inputs: Sequence[str]) -> None:
+    """Report (and forget) the warnings caught so far, each labelled with the file it names."""
+    for warning in caught:
+        message = str(warning.message)
+        audio_file = next((f for f in jobs if message.startswith(f"{f}: ")), None)
+        if audio_file is None:
+            report_warning(message)
+            continue
+        label = audio_file if audio_file in inputs else "<stdin>"
+        report_warning(f"{label}: {_message_without_path(message, audio_file)}")
+    caught.clear()
+
+
+def write_completed(args, audio: str, audio_file: str, name: str, result, protected, verbose) -> bool:
+    """Write one completed file's outputs (or report its error); False if it failed."""
+    label = "<stdin>" if audio == STDIN else audio
+    if isinstance(result, BaseException):
+        report_failure(label, audio, result)
+        return False
+    try:
+        if verbose:
+            from .transcribe import print_segments
+
+            print_segments(result["segments"], verbose)
+        writer = get_writer(args.output_format, args.output_dir)
+        writer(result, audio_file, writer_options(args), output_name=name, protected_paths=protected)
+    except Exception as exc:
+        report_failure(label, audio, exc)
+        return False
+    return True
 
 
 # subcommands with their own options and optional extras; their modules are imported only when used

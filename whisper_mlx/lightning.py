@@ -6,7 +6,10 @@ loads quantized models correctly, and batches windows cut at silences so no text
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from .load_models import default_model_path, get_cached_model
+from .many import BatchEngine, transcribe_many
 from .transcribe import transcribe
 
 
@@ -28,8 +31,23 @@ class LightningWhisperMLX:
         self.quant = quant
         self.model = get_cached_model(self.name, dtype, quant=quant)
 
-    def transcribe(self, audio_path, language: str | None = None, beam_size: int | None = None, **options) -> dict:
+    def transcribe(self, audio_path, language: str | None = None, beam_size: int | None = None, **options):
         """openai's result dict: {"text", "segments": [{"id", "start", "end", "text", ...}], "language"}.
-        beam_size: beams searched per window (None: greedy); other options as whisper_mlx.transcribe's."""
+        beam_size: beams searched per window (None: greedy); other options as whisper_mlx.transcribe's.
+        A list of inputs gives a list of result dicts in input order, the inputs decoded together in
+        shared batches; the first input (in list order) that fails raises its error and the inputs not
+        yet finished are cancelled (transcribe_many reports errors per input instead)."""
         options.setdefault("batch_size", self.batch_size)
+        if isinstance(audio_path, list):
+            return self._transcribe_list(audio_path, language=language, beam_size=beam_size, **options)
         return transcribe(audio_path, model=self.model, language=language, beam_size=beam_size, **options)
+
+    def transcribe_many(self, inputs: Iterable, **options) -> Iterator[tuple[object, dict | BaseException]]:
+        """(input, result dict or its exception) as each input completes; see whisper_mlx.transcribe_many."""
+        options.setdefault("batch_size", self.batch_size)
+        return transcribe_many(inputs, model=self.model, **options)
+
+    def _transcribe_list(self, inputs: list, **options) -> list[dict]:
+        with BatchEngine(self.model, batch_size=max(self.batch_size, options["batch_size"])) as engine:
+            futures = [engine.submit(audio, **options) for audio in inputs]
+            return [future.result() for future in futures]

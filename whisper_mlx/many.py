@@ -126,17 +126,20 @@ class BatchEngine:
     """Thread-safe; one model; lanes of all submitted inputs share decoding batches.
 
     engine.submit(audio, **options) returns a Future of transcribe's result dict; options are
-    transcribe's keywords, over the engine's defaults. batch_size: the windows decoded together (and,
-    as in transcribe, the most lanes one input is cut into). close() (or leaving a `with` block) waits
-    for the submitted inputs; close(cancel=True) cancels those not finished.
+    transcribe's keywords, over the engine's defaults. batch_size: the windows decoded together, and
+    unless input_batch_size says otherwise (1: openai's sequential loop per input) transcribe's
+    batch_size for each input, the most lanes it is cut into (a submit's batch_size overrides both
+    defaults for its input). close() (or leaving a `with` block) waits for the submitted inputs;
+    close(cancel=True) cancels those not finished.
     """
 
-    def __init__(self, model: Whisper, *, batch_size: int = 12, **default_options):
+    def __init__(self, model: Whisper, *, batch_size: int = 12, input_batch_size: int | None = None, **default_options):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DecodingError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.batch_size = model, batch_size
         self.backend = backend_for(model, None)
-        self.default_options = {"batch_size": batch_size, **default_options}
+        lanes = batch_size if input_batch_size is None else input_batch_size
+        self.default_options = {"batch_size": lanes, **default_options}
         options_from_keywords(model, self.default_options)  # bad defaults fail here, not per input
         self.max_loaded = 2 * batch_size  # inputs whose audio is loaded: the active and the next ones
         self._cond = threading.Condition()
@@ -324,6 +327,7 @@ def transcribe_many(
     model: Whisper | None = None,
     path_or_hf_repo: str | None = None,
     batch_size: int = 12,
+    input_batch_size: int | None = None,
     **options,
 ) -> Iterator[tuple[object, dict | BaseException]]:
     """Transcribe many inputs with one model, the lanes of several inputs sharing each batch.
@@ -332,9 +336,10 @@ def transcribe_many(
     decoded first); result is transcribe's dict, or the exception for an input that failed (the others
     go on). inputs is consumed lazily, so a generator of thousands of paths is fine. options are
     transcribe's keywords, for every input; backend chooses the model's backend as transcribe's does.
+    batch_size: windows per batch, and each input's transcribe batch_size unless input_batch_size.
     """
     model, _ = resolve_model(model, path_or_hf_repo, options.get("fp16"), options.pop("backend", None))
-    with BatchEngine(model, batch_size=batch_size, **options) as engine:
+    with BatchEngine(model, batch_size=batch_size, input_batch_size=input_batch_size, **options) as engine:
         pending: dict[concurrent.futures.Future, object] = {}
         source = iter(inputs)
         exhausted = False
