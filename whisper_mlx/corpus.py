@@ -36,8 +36,7 @@ AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".mp3", ".m4a", ".mp4", ".ogg", ".oga", ".opus", ".webm", ".aac", ".wma", ".aiff", ".aif"}
     | {".mka", ".mkv", ".mov", ".amr", ".3gp"}
 )
-# decoding tasks ask for a different CPU share than the actors: Ray Data would otherwise fuse the decoding
-# into the actors, and one actor would decode and transcribe in turn
+# a decoding task's CPU share; the actors take up to one CPU each, leaving decoding at least this much
 DECODE_TASK_CPUS = 0.5
 ACTOR_CPUS = 1.0
 ADDRESS_TIMEOUT_SECONDS = 5.0
@@ -362,9 +361,21 @@ class Transcriber:
         }
 
 
+def actor_cpus(workers: int) -> float:
+    """Each actor's CPU share: up to one, and never so much that no decoding task could run beside
+    the actors (Ray would wait forever for a free CPU)."""
+    ray = import_ray()
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    share = min(ACTOR_CPUS, (total - DECODE_TASK_CPUS) / workers)
+    if share < 0.1:
+        raise CorpusError(f"{workers} workers do not fit the Ray cluster's {total:g} CPUs (use fewer --workers)")
+    return round(share, 2)
+
+
 def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | None, batch_size: int, options: dict):
     """The Ray Data pipeline: decoding tasks, then the actor pool; yields rows as inputs finish."""
     ray = import_ray()
+    cpus = actor_cpus(workers)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -379,9 +390,10 @@ def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | Non
             compute=ray.data.ActorPoolStrategy(size=workers),
             batch_size=batch_size,
             batch_format="numpy",
-            num_cpus=ACTOR_CPUS,
+            num_cpus=cpus,
             # Ray's default restarts a crashed actor and retries its batch forever: an input that crashes
-            # the process would hang the run; without restarts the run stops and a re-run resumes
+            # the process would hang the run; without restarts the run stops and a re-run resumes. (Remote
+            # args that differ from the decoding tasks' also keep Ray Data from fusing decoding into the actors.)
             max_restarts=0,
         )
     try:
