@@ -17,8 +17,8 @@ APPROX_FIELDS = ("avg_logprob", "no_speech_prob")
 
 @pytest.fixture(scope="module")
 def alice_excerpt(data_dir):
-    """90 s of alice_ch1 (from 60 s): two lanes at batch 12, one with a lead-in."""
-    return load_audio(str(data_dir / "alice_ch1.flac"))[60 * SAMPLE_RATE : 150 * SAMPLE_RATE]
+    """130 s of alice_ch1 (from 60 s): two lanes at batch 12, the second with a lead-in."""
+    return load_audio(str(data_dir / "alice_ch1.flac"))[60 * SAMPLE_RATE : 190 * SAMPLE_RATE]
 
 
 @pytest.fixture(scope="module")

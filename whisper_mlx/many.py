@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -142,12 +143,14 @@ class BatchEngine:
         self.default_options = {"batch_size": lanes, **default_options}
         options_from_keywords(model, self.default_options)  # bad defaults fail here, not per input
         self.max_loaded = 2 * batch_size  # inputs whose audio is loaded: the active and the next ones
+        self.fill_wait_s = 2.0  # the longest a short batch waits for inputs the loader is reading
         self._cond = threading.Condition()
         self._submitted: deque[Job] = deque()
         self._loaded: deque[Job] = deque()
         self._active: list[Job] = []
         self._groups: list[OptionGroup] = []
         self._closing = False
+        self._loading = 0  # inputs the loader holds (taken from _submitted, not yet in _loaded)
         self._loader_done = False
         self._loader = threading.Thread(target=self._load_loop, name="whisper_mlx-loader", daemon=True)
         self._decoder = threading.Thread(target=self._decode_loop, name="whisper_mlx-decoder", daemon=True)
@@ -199,6 +202,7 @@ class BatchEngine:
                     self._submitted.popleft()
                 room = len(self._loaded) + len(self._active) < self.max_loaded
                 if self._submitted and room:
+                    self._loading += 1
                     return self._submitted.popleft()
                 if self._closing and not self._submitted:
                     return None
@@ -211,9 +215,10 @@ class BatchEngine:
                     job.loaded = mel_and_speech(job.audio, self.model.dims.n_mels, job.options)
                 except Exception as exc:  # unreadable audio fails this input only
                     job.fail(exc)
-                    continue
                 with self._cond:
-                    self._loaded.append(job)
+                    self._loading -= 1
+                    if job.loaded is not None:
+                        self._loaded.append(job)
                     self._cond.notify_all()
         finally:
             with self._cond:
@@ -233,9 +238,34 @@ class BatchEngine:
             self._loaded.clear()
             return loaded
 
+    def _wait_for_loader(self) -> None:
+        """While the loader is still reading inputs already submitted that the next batch has rows for,
+        wait for them (up to fill_wait_s): a batch short of rows costs nearly what a full one does."""
+        deadline = time.monotonic() + self.fill_wait_s
+        rows = sum(len(job.windows()) for job in self._active)
+        with self._cond:
+            while (
+                rows + len(self._loaded) < self.batch_size
+                and (self._submitted or self._loading)
+                and len(self._loaded) + len(self._active) < self.max_loaded
+                and not self._closing
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._cond.wait(left)
+
+    def _take_ready(self) -> list[Job]:
+        """The inputs loaded meanwhile, without waiting."""
+        with self._cond:
+            loaded = list(self._loaded)
+            self._loaded.clear()
+            return loaded
+
     def _decode_loop(self) -> None:
         while (loaded := self._take_loaded()) is not None:
             for job in loaded:
+                self._admit(job)
+            self._wait_for_loader()
+            for job in self._take_ready():
                 self._admit(job)
             self._drop_finished()
             windows = self._next_batch()
