@@ -209,6 +209,7 @@ def test_discovery(corpus, tmp_path):
         (lambda c, t: [str(c), "-o", str(c / "jfk.wav" / "out")], "cannot write to the output directory"),
         (lambda c, t: [str(c), "-o", str(t / "out"), "--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
         (lambda c, t: [str(c), "-o", str(t / "out"), "--address", "nonsense"], "not a Ray address"),
+        (lambda c, t: [str(c), "-o", str(t / "out"), "--model", str(t / "no_model")], "cannot load the model"),
     ],
 )
 def test_errors_are_one_line(corpus, tmp_path, make_args, message):
@@ -217,6 +218,17 @@ def test_errors_are_one_line(corpus, tmp_path, make_args, message):
     code, stdout, stderr = run_main(*make_args(corpus, tmp_path))
     assert code == 1 and stdout == ""
     assert len(stderr.splitlines()) == 1 and stderr.startswith("whisper_mlx corpus: error: ") and message in stderr
+
+
+def test_a_model_the_actors_cannot_load_stops_the_run_in_one_line(local_ray, corpus, tmp_path):
+    (tmp_path / "model").mkdir()
+    code, stdout, stderr = run_main(str(corpus), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "model"))
+    assert (code, stdout) == (1, "")
+    [line] = stderr.splitlines()
+    assert line.startswith(
+        "whisper_mlx corpus: error: the Ray run stopped (re-run to resume): whisper_mlx.errors.ModelFormatError: "
+    )
+    assert f"{tmp_path / 'model'}: no Whisper weights found" in line
 
 
 def test_python_api_raises_typed_errors(tmp_path):

@@ -10,9 +10,11 @@ when a corpus run starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -40,6 +42,8 @@ AUDIO_EXTENSIONS = frozenset(
 DECODE_TASK_CPUS = 0.5
 ACTOR_CPUS = 1.0
 ADDRESS_TIMEOUT_SECONDS = 5.0
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor names in its error messages
+_RAISED_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
 
 
 class CorpusError(WhisperMLXError):
@@ -320,6 +324,13 @@ def transcribe_waveforms(model, waveforms: Sequence[np.ndarray], batch_size: int
     return results
 
 
+def root_reason(exc: BaseException) -> str:
+    """The innermost `SomeError: message` line of a Ray error (its text holds the remote traceback)."""
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(exc)).splitlines() if line.strip()]
+    raised = [line for line in lines if _RAISED_LINE.match(line)]
+    return _shortened(raised[-1] if raised else one_line("; ".join(lines[:1]) or type(exc).__name__))
+
+
 def _shortened(message: str, limit: int = 300) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
@@ -372,13 +383,37 @@ def actor_cpus(workers: int) -> float:
     return round(share, 2)
 
 
+def check_model(model: str | None) -> None:
+    """A model that does not exist fails here, in one line, rather than in every actor's constructor."""
+    if model is None:
+        return
+    from .load_models import resolve_model_path
+
+    try:
+        resolve_model_path(model)
+    except (WhisperMLXError, OSError, ValueError) as exc:
+        raise CorpusError(f"cannot load the model: {one_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def quiet_ray_data(ray) -> Iterator[None]:
+    """No progress bars and no logged tracebacks while the run goes (its errors end as one line)."""
+    context = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    progress_bars, level = context.enable_progress_bars, logger.level
+    context.enable_progress_bars = False
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = progress_bars
+        logger.setLevel(level)
+
+
 def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | None, batch_size: int, options: dict):
     """The Ray Data pipeline: decoding tasks, then the actor pool; yields rows as inputs finish."""
     ray = import_ray()
     cpus = actor_cpus(workers)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     rows = [{"input": item.input, "name": item.name} for item in items]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     dataset = dataset.map(decode_row, num_cpus=DECODE_TASK_CPUS)
@@ -397,9 +432,10 @@ def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | Non
             max_restarts=0,
         )
     try:
-        yield from dataset.iter_rows()
+        with quiet_ray_data(ray):
+            yield from dataset.iter_rows()
     except Exception as exc:  # a crashed actor or a lost node: what is done is in the manifest
-        raise CorpusError(f"the Ray run stopped, re-run to resume: {_shortened(one_line(exc))}") from None
+        raise CorpusError(f"the Ray run stopped (re-run to resume): {root_reason(exc)}") from None
 
 
 # ---- the run ----
@@ -460,6 +496,7 @@ def transcribe_corpus(
     failed: dict[str, str] = {}
     if todo:
         ray = import_ray()
+        check_model(model)
         connected = connect_ray(address, workers)
         try:
             protected = file_identities(corpus)
