@@ -14,6 +14,7 @@ import pytest
 
 from whisper_mlx.audio import SAMPLE_RATE, load_audio
 from whisper_mlx.corpus import (
+    LOCK_NAME,
     MANIFEST_NAME,
     CorpusError,
     assign_names,
@@ -59,7 +60,7 @@ def mtimes(directory: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -229,6 +230,18 @@ def test_a_model_the_actors_cannot_load_stops_the_run_in_one_line(local_ray, cor
         "whisper_mlx corpus: error: the Ray run stopped (re-run to resume): whisper_mlx.errors.ModelFormatError: "
     )
     assert f"{tmp_path / 'model'}: no Whisper weights found" in line
+
+
+def test_two_runs_cannot_share_an_output_directory(corpus, tmp_path):
+    fcntl = pytest.importorskip("fcntl", reason="the output directory lock uses flock")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a run in another process holds it
+        code, stdout, stderr = run_main(str(corpus), "-o", str(out))
+    assert (code, stdout) == (1, "")
+    assert stderr == f"whisper_mlx corpus: error: {out}: another corpus run is writing to this output directory\n"
+    assert not (out / MANIFEST_NAME).exists()
 
 
 def test_python_api_raises_typed_errors(tmp_path):

@@ -33,6 +33,7 @@ from .writers import OUTPUT_FORMATS, WRITERS, output_name_for
 
 PROG = "whisper_mlx corpus"
 MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = ".manifest.lock"
 RAY_MISSING = "corpus runs need Ray: pip install 'whisper_mlx[ray]'"
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".mp3", ".m4a", ".mp4", ".ogg", ".oga", ".opus", ".webm", ".aac", ".wma", ".aiff", ".aif"}
@@ -244,6 +245,25 @@ def check_output_dir(output_dir: str) -> None:
         raise CorpusError(f"{output_dir}: cannot write to the output directory ({exc.strerror or exc})") from None
 
 
+@contextlib.contextmanager
+def exclusive_output_dir(output_dir: str) -> Iterator[None]:
+    """Hold OUT's lock for the run: two runs appending to one manifest would redo each other's work."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not guarded
+        yield
+        return
+    with open(os.path.join(output_dir, LOCK_NAME), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CorpusError(f"{output_dir}: another corpus run is writing to this output directory") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def normalize_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     requested = (formats,) if isinstance(formats, str) else tuple(formats)
     if "all" in requested:
@@ -295,7 +315,9 @@ def connect_ray(address: str | None, workers: int) -> bool:
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=False, **quiet)
+            # "local": a new instance even where `ray start` left one running (ray.init would join it)
+            cpus = max(os.cpu_count() or 1, workers + 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
     except CorpusError:
         raise
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError for a bad cluster
@@ -489,10 +511,34 @@ def transcribe_corpus(
     corpus = discover_inputs(inputs)
     out = os.fspath(output_dir)
     check_output_dir(out)
+    with exclusive_output_dir(out):
+        todo, skipped, failed = run_corpus(corpus, out, chosen_formats, workers, address, model, batch_size, options)
+    return CorpusSummary(
+        total=len(corpus),
+        transcribed=todo - len(failed),
+        skipped=skipped,
+        failed=len(failed),
+        manifest=os.path.join(out, MANIFEST_NAME),
+        seconds=time.monotonic() - started,
+        errors=failed,
+    )
+
+
+def run_corpus(
+    corpus: list[str],
+    out: str,
+    formats: tuple[str, ...],
+    workers: int,
+    address: str | None,
+    model: str | None,
+    batch_size: int,
+    options: dict,
+) -> tuple[int, int, dict[str, str]]:
+    """Transcribe what the manifest does not record as done; (inputs run, inputs skipped, failures)."""
     manifest_path = os.path.join(out, MANIFEST_NAME)
     entries = read_manifest(manifest_path)
     items = assign_names(corpus, previous_names(entries))
-    todo = [item for item in items if not is_done(entries.get(item.input), out, item.name, chosen_formats)]
+    todo = [item for item in items if not is_done(entries.get(item.input), out, item.name, formats)]
     failed: dict[str, str] = {}
     if todo:
         ray = import_ray()
@@ -501,7 +547,7 @@ def transcribe_corpus(
         try:
             protected = file_identities(corpus)
             for row in transcribed_rows(todo, workers, model, batch_size, options):
-                entry = finish_row(row, out, chosen_formats, protected)
+                entry = finish_row(row, out, formats, protected)
                 append_manifest(manifest_path, entry)
                 entries[entry["input"]] = entry
                 if entry["status"] != "ok":
@@ -510,15 +556,7 @@ def transcribe_corpus(
             if connected:
                 ray.shutdown()
     rewrite_manifest(manifest_path, _ordered_entries(entries, corpus))
-    return CorpusSummary(
-        total=len(corpus),
-        transcribed=len(todo) - len(failed),
-        skipped=len(items) - len(todo),
-        failed=len(failed),
-        manifest=manifest_path,
-        seconds=time.monotonic() - started,
-        errors=failed,
-    )
+    return len(todo), len(items) - len(todo), failed
 
 
 def _ordered_entries(entries: dict[str, dict], corpus: Sequence[str]) -> Iterator[dict]:
