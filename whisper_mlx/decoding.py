@@ -9,6 +9,7 @@ openai's decoder is: a token sampler, logit filters, a ranker for best_of.
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
@@ -39,6 +40,21 @@ def logsumexp(x, axis: int = -1, keepdims: bool = False):
     with np.errstate(divide="ignore"):  # an all -inf slice gives -inf, as in MLX
         total = top + np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True))
     return total if keepdims else np.squeeze(total, axis=axis)
+
+
+def logsumexp_columns(columns: list):
+    """logsumexp over a few (B,) columns: in MLX as elementwise ops (they fuse when compiled; same
+    result as mx.logsumexp of their stack), in numpy of their stack."""
+    if array_module(columns[0]) is np:
+        return logsumexp(np.stack(columns, -1), axis=-1)
+    top = columns[0]
+    for column in columns[1:]:
+        top = mx.maximum(top, column)
+    safe_top = mx.where(top == NEG_INF, 0.0, top)  # all -inf stays -inf, not NaN
+    total = mx.exp(columns[0] - safe_top)
+    for column in columns[1:]:
+        total = total + mx.exp(column - safe_top)
+    return safe_top + mx.log(total)
 
 
 def take_rows(array, rows):
@@ -130,6 +146,8 @@ class SuppressTokens:
         if blank is not None:
             first[list(blank)] = NEG_INF
         self.masks: dict[Any, tuple[Any, Any]] = {np: (first, always), mx: (mx.array(first), mx.array(always))}
+        mx.eval(self.masks[mx])  # compiled steps capture them as constants
+        self.key = (tuple(suppressed), None if blank is None else tuple(blank))
 
     def apply(self, logits: mx.array, n_sampled: int) -> mx.array:
         first, always = self.masks[array_module(logits)]
@@ -184,6 +202,7 @@ class ApplyTimestampRules:
             vocab[self.ts_begin :],
         )
         self.masks = {np: masks, mx: masks.to_mlx()}
+        mx.eval(*(getattr(self.masks[mx], f.name) for f in fields(masks)))  # constants of compiled steps
 
     def apply(self, logits, history: TimestampHistory, n_sampled: int):
         xp = array_module(logits)
@@ -214,13 +233,12 @@ class ApplyTimestampRules:
         (max, argmax, logsumexp) and the per-row rules act on those statistics: MLX's CPU elementwise
         kernels are scalar, so each full-vocabulary pass costs milliseconds per step.
         """
-        xp = array_module(logits)
         view = self._regions(logits, history, n_sampled)
         regions, allowed = view.regions, view.allowed
-        maxima = xp.stack([xp.where(ok, r.max, NEG_INF) for ok, r in zip(allowed, regions)] + [regions[3].max], -1)
-        choice = xp.argmax(maxima, axis=-1)
-        tokens = xp.take_along_axis(xp.stack([r.token for r in regions], -1), choice[:, None], -1)[:, 0]
-        logprob = xp.max(maxima, axis=-1) - logsumexp(view.lses(), axis=-1)
+        maxima = [where_allowed(ok, r.max) for ok, r in zip(allowed, regions)] + [regions[3].max]
+        best, tokens = first_maximum(maxima, [r.token for r in regions])
+        logprob = best - logsumexp_columns(view.lse_columns())
+        xp = array_module(logits)
         return tokens.astype(xp.int32), logprob.astype(logits.dtype)
 
     def top_candidates(self, logits, history: TimestampHistory, n_sampled: int, k: int):
@@ -248,44 +266,53 @@ class ApplyTimestampRules:
         masks = self.masks[xp]
         text, special, stamps = logits[:, :eot], logits[:, eot + 1 : ts_begin], logits[:, ts_begin:]
         special = special + masks.special_bias  # <|notimestamps|> is never sampled
-        stamps = stamps + self._timestamp_bias(history, n_sampled, masks.first_stamps, masks.ts_vocab)
-        text_ok, eot_ok = self._text_allowed(history, n_sampled)
+        flags = self._row_flags(history, n_sampled)
+        stamps = stamps + self._timestamp_bias(history, flags, masks.first_stamps, masks.ts_vocab)
+        text_ok, eot_ok = self._text_allowed(flags, logits.shape[0], xp)
         regions = [
             _Region.of(text, 0, argmax),
-            _Region.of(logits[:, eot : eot + 1], eot),
+            _Region.constant(logits[:, eot], eot),  # one column: its max and logsumexp are itself
             _Region.of(special, eot + 1),
             _Region.of(stamps, ts_begin),
         ]
         allowed = [text_ok, eot_ok, eot_ok]
-        best_text = xp.max(xp.stack([xp.where(ok, r.max, NEG_INF) for ok, r in zip(allowed, regions)]), axis=0)
-        force = regions[3].lse > best_text  # timestamp mass beats every text token
-        allowed = [ok & ~force for ok in allowed]
+        best_text, _ = first_maximum([where_allowed(ok, r.max) for ok, r in zip(allowed, regions)])
+        not_forced = ~(regions[3].lse > best_text)  # forced: timestamp mass beats every text token
+        allowed = [not_forced if ok is None else ok & not_forced for ok in allowed]
         empty = ~(allowed[0] | allowed[1] | allowed[2]) & (regions[3].max == NEG_INF)
         allowed[1] = allowed[1] | empty  # defensive: a row keeps at least one candidate (EOT)
         regions[1] = _Region.constant(xp.where(empty, 0.0, regions[1].max).astype(logits.dtype), eot)
         return _RuleRegions(text, special, stamps, regions, allowed)
 
-    def _timestamp_bias(self, history: TimestampHistory, n_sampled: int, first_stamps, ts_vocab):
-        """Additive (B, n_timestamps) mask of the timestamp tokens the rules forbid."""
+    def _row_flags(self, history: TimestampHistory, n_sampled: int):
+        """Per row (B,): was the last token a timestamp, and the one before (True before the second
+        token)? None before the first token."""
         if n_sampled == 0:
+            return None
+        last_ts = history.last >= self.ts_begin
+        penultimate_ts = (
+            history.penultimate >= self.ts_begin if n_sampled >= 2 else array_module(last_ts).ones_like(last_ts)
+        )
+        return last_ts, penultimate_ts
+
+    def _timestamp_bias(self, history: TimestampHistory, flags, first_stamps, ts_vocab):
+        """Additive (B, n_timestamps) mask of the timestamp tokens the rules forbid."""
+        if flags is None:
             return first_stamps[None, :]
         xp = array_module(history.last)
-        last_ts = history.last >= self.ts_begin
-        penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else xp.ones_like(last_ts)
+        last_ts, penultimate_ts = flags
         lowest = xp.where(last_ts & ~penultimate_ts, history.last_timestamp, history.last_timestamp + 1)
         below = (ts_vocab[None, :] < lowest[:, None]) & (history.last_timestamp >= 0)[:, None]
         banned = below | (last_ts & penultimate_ts)[:, None]
         return xp.where(banned, NEG_INF, 0.0).astype(first_stamps.dtype)
 
-    def _text_allowed(self, history: TimestampHistory, n_sampled: int):
-        """Per row: may text proper be sampled, and may EOT (and the other specials)?"""
-        xp, batch = array_module(history.last), history.last.shape[0]
-        if n_sampled == 0:
+    def _text_allowed(self, flags, batch: int, xp):
+        """Per row: may text proper be sampled, and may EOT (and the other specials)? (None: yes, all)"""
+        if flags is None:
             no = xp.zeros((batch,), xp.bool_)
             return no, no
-        last_ts = history.last >= self.ts_begin
-        penultimate_ts = history.penultimate >= self.ts_begin if n_sampled >= 2 else xp.ones_like(last_ts)
-        return ~(last_ts & ~penultimate_ts), xp.ones((batch,), xp.bool_)
+        last_ts, penultimate_ts = flags
+        return ~(last_ts & ~penultimate_ts), None  # None: every row
 
     def _prefer_timestamps(self, logits, masks: _VocabMasks):
         xp = array_module(logits)
@@ -309,11 +336,13 @@ class _RuleRegions:
     regions: list[_Region]  # reductions of text, EOT, specials, timestamps
     allowed: list  # (B,) bool per row: may text, EOT, the specials be sampled (timestamps: by their mask)
 
+    def lse_columns(self) -> list:
+        """(B,) logsumexp of each region as far as allowed: their logsumexp is log_softmax's normaliser."""
+        return [*(where_allowed(ok, r.lse) for ok, r in zip(self.allowed, self.regions)), self.regions[3].lse]
+
     def lses(self):
-        """(B, 4) logsumexp of each region as far as allowed: their logsumexp is log_softmax's normaliser."""
-        xp = array_module(self.regions[3].lse)
-        allowed = [xp.where(ok, r.lse, NEG_INF) for ok, r in zip(self.allowed, self.regions)]
-        return xp.stack([*allowed, self.regions[3].lse], -1)
+        """lse_columns stacked, (B, 4)."""
+        return array_module(self.regions[3].lse).stack(self.lse_columns(), -1)
 
 
 @dataclass
@@ -321,23 +350,40 @@ class _Region:
     """Reductions of one slice of the vocabulary: max, its token id, and logsumexp."""
 
     max: mx.array
-    token: Any  # (B,) the best token, or None where not asked for
+    token: Any  # (B,) the best token (an int for a one-token region), or None where not asked for
     lse: mx.array
 
     @classmethod
     def of(cls, logits: mx.array, first_token: int, argmax: bool = True) -> _Region:
         xp = array_module(logits)
         top = xp.max(logits, axis=-1)
-        safe_top = xp.where(top == NEG_INF, 0.0, top).astype(logits.dtype)  # all-masked stays -inf, not NaN
-        with np.errstate(divide="ignore"):
-            lse = safe_top + xp.log(xp.sum(xp.exp(logits - safe_top[:, None]), axis=-1))
+        lse = logsumexp(logits, axis=-1)  # one kernel in MLX; an all-masked row gives -inf
         token = xp.argmax(logits, axis=-1).astype(xp.int32) + first_token if argmax else None
         return cls(top, token, lse)
 
     @classmethod
     def constant(cls, value: mx.array, token: int) -> _Region:
-        xp = array_module(value)
-        return cls(value, xp.full(value.shape, token, xp.int32), value)
+        return cls(value, token, value)
+
+
+def where_allowed(allowed, values):
+    """values where allowed (per row; None: every row), else -inf."""
+    return values if allowed is None else array_module(values).where(allowed, values, NEG_INF)
+
+
+def first_maximum(values: list, labels: list | None = None):
+    """The elementwise maximum of (B,) arrays and, with labels (arrays or constants), the label of the
+    first array reaching it: argmax over their stack, as elementwise ops only (they fuse when compiled)."""
+    xp = array_module(values[0])
+    best = values[0]
+    for value in values[1:]:
+        best = xp.maximum(best, value)
+    if labels is None:
+        return best, None
+    chosen = labels[-1]
+    for value, label in zip(values[-2::-1], labels[-2::-1]):
+        chosen = xp.where(value == best, label, chosen)
+    return best, chosen
 
 
 @dataclass
@@ -418,20 +464,71 @@ class _Rows:
     """The rows still being decoded: which request each one serves, and their device state."""
 
     index: np.ndarray  # (B,) position of each active row in the request
-    sampled: list[mx.array]  # per step, (B,) sampled tokens
     sum_logprobs: mx.array  # (B,)
     finished: mx.array  # (B,) bool
     history: TimestampHistory
+    n_sampled: int = 0  # tokens sampled so far (steps built, not necessarily evaluated)
 
     @classmethod
     def start(cls, batch: int, xp) -> _Rows:
         return cls(
             np.arange(batch),
-            [],
             xp.zeros((batch,), xp.float32),
             xp.zeros((batch,), xp.bool_),
             TimestampHistory.empty(batch, xp),
         )
+
+    def keep(self, kept: np.ndarray, xp) -> None:
+        rows = xp.array(kept)
+        self.index = self.index[kept]
+        self.sum_logprobs, self.finished = self.sum_logprobs[rows], self.finished[rows]
+        self.history = self.history.take(rows)
+
+
+@dataclass
+class _SampledStep:
+    """One step's selection on its way to the host: `out` (2, B) float32 holds the tokens and the running
+    sums of log probabilities of the rows `index` (request positions) as they were when it was built."""
+
+    out: Any
+    index: np.ndarray
+
+
+class _HostRecord:
+    """Every row's tokens and sum of log probabilities, filled in on the host as steps arrive."""
+
+    def __init__(self, batch: int, max_steps: int, eot: int):
+        self.tokens = np.full((batch, max(max_steps, 1)), eot, np.int64)
+        self.sum_logprobs = np.zeros(batch, np.float64)
+        self.finished = np.zeros(batch, bool)
+        self.eot = eot
+
+    def add(self, step: int, out: np.ndarray, index: np.ndarray) -> None:
+        tokens = out[0].astype(np.int64)
+        self.tokens[index, step] = tokens
+        self.sum_logprobs[index] = out[1]
+        self.finished[index] |= tokens == self.eot
+
+    def sequence(self, row: int) -> list[int]:
+        """The row's tokens up to its first EOT (excluded)."""
+        seq = self.tokens[row].tolist()
+        return seq[: seq.index(self.eot)] if self.eot in seq else seq
+
+
+GREEDY_CACHE_SIZE = 32  # compiled greedy steps kept: one per (rules, phase, batch rows)
+_compiled_greedy: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def compiled_greedy(key: tuple, build) -> Any:
+    """mx.compile(build()) for `key`, from a bounded LRU cache: one entry per input shape, so evicting
+    an entry releases its traced graph (batch shapes vary from batch to batch)."""
+    function = _compiled_greedy.pop(key, None)
+    if function is None:
+        function = mx.compile(build())
+    _compiled_greedy[key] = function
+    while len(_compiled_greedy) > GREEDY_CACHE_SIZE:
+        _compiled_greedy.popitem(last=False)
+    return function
 
 
 class DecodingTask:
@@ -441,8 +538,18 @@ class DecodingTask:
     language; every row shares the options, the temperature and the length of the SOT sequence.
     """
 
-    def __init__(self, model: Whisper, options: DecodingOptions, backend: Backend | None = None):
+    def __init__(
+        self,
+        model: Whisper,
+        options: DecodingOptions,
+        backend: Backend | None = None,
+        *,
+        pipeline: bool = True,
+        compile_steps: bool = True,
+    ):
         self.model = model
+        self.pipeline = pipeline  # False: the host waits for step i+1's forward pass with step i's flags
+        self.compile_steps = compile_steps  # mx.compile the greedy step's filters and selection
         self.options = verify_options(options)
         self.backend = backend or backend_for(model)
         self.tokenizer = get_tokenizer(
@@ -580,48 +687,101 @@ class DecodingTask:
         no_speech = array_module(sot_logits).exp(sot_logits[:, self.tokenizer.no_speech] - logsumexp(sot_logits))
         return logits, no_speech, state
 
-    def _sample_step(self, logits, rows: _Rows, temperature: float):
-        """Filter, select and record one token per row; returns the tokens to feed next."""
-        n_sampled = len(rows.sampled)
+    def _sample_step(self, logits, rows: _Rows, temperature: float) -> _SampledStep:
+        """Filter and select one token per row, updating the rows' device state (a finished row keeps
+        emitting EOT and adds nothing to its sum); the selection is submitted to the device at once when
+        pipelining, so that the host can wait on it alone."""
+        xp = array_module(logits)
+        if temperature == 0 and xp is mx and self.compile_steps:
+            update = self._compiled_greedy_update(rows.n_sampled, logits.shape[0])
+        else:
+            update = self._row_update(rows.n_sampled, temperature)
+        history = rows.history
+        tokens, rows.sum_logprobs, rows.finished, last_timestamp, out = update(
+            logits, history.last, history.penultimate, history.last_timestamp, rows.sum_logprobs, rows.finished
+        )
+        rows.history = TimestampHistory(tokens, history.last, last_timestamp)
+        rows.n_sampled += 1
+        if self.pipeline:
+            self.backend.submit(out, tokens, rows.sum_logprobs, rows.finished, last_timestamp)
+        return _SampledStep(out, rows.index)
+
+    def _row_update(self, n_sampled: int, temperature: float):
+        """The step's selection and row bookkeeping as one pure function of device arrays (compilable):
+        (logits, last, penultimate, last_timestamp, sum_logprobs, finished) -> (tokens, sum_logprobs,
+        finished, last_timestamp, out)."""
+        eot, ts_begin = self.tokenizer.eot, self.tokenizer.timestamp_begin
+
+        def update(logits, last, penultimate, last_timestamp, sum_logprobs, finished):
+            xp = array_module(logits)
+            history = TimestampHistory(last, penultimate, last_timestamp)
+            tokens, chosen = self._select(logits, history, n_sampled, temperature)
+            sum_logprobs = sum_logprobs + xp.where(finished, 0.0, chosen)
+            tokens = xp.where(finished, eot, tokens)
+            finished = finished | (tokens == eot)
+            last_timestamp = xp.where(tokens >= ts_begin, tokens, last_timestamp)
+            out = xp.stack([tokens.astype(xp.float32), sum_logprobs.astype(xp.float32)])
+            return tokens, sum_logprobs, finished, last_timestamp, out
+
+        return update
+
+    def _select(self, logits, history: TimestampHistory, n_sampled: int, temperature: float):
+        """Each row's token after the logit filters (greedy, or sampled) and its log probability."""
         xp = array_module(logits)
         if temperature == 0 and self.timestamp_rules is not None:
             logits = self.suppressor.apply(logits, n_sampled)
-            tokens, chosen = self.timestamp_rules.greedy(logits, rows.history, n_sampled)
-        else:
-            logits = self._filter_logits(logits, rows.history, n_sampled)
-            tokens = select_tokens(logits, temperature)
-            logprobs = logits - logsumexp(logits, axis=-1, keepdims=True)
-            chosen = xp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        eot = self.tokenizer.eot
-        rows.sum_logprobs = rows.sum_logprobs + xp.where(rows.finished, 0.0, chosen)
-        tokens = xp.where(rows.finished, eot, tokens)  # a finished row keeps emitting EOT
-        rows.finished = rows.finished | (tokens == eot)
-        rows.history = rows.history.push(tokens, self.tokenizer.timestamp_begin)
-        rows.sampled.append(tokens)
-        return tokens
+            return self.timestamp_rules.greedy(logits, history, n_sampled)
+        logits = self._filter_logits(logits, history, n_sampled)
+        tokens = select_tokens(logits, temperature)
+        logprobs = logits - logsumexp(logits, axis=-1, keepdims=True)
+        return tokens, xp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+    def _compiled_greedy_update(self, n_sampled: int, rows: int):
+        """_row_update at temperature 0, compiled: the rules only tell apart the first, second and later
+        steps, so three phases per batch size."""
+        phase = min(n_sampled, 2)
+        key = (self.rules_key, phase, rows)
+        return compiled_greedy(key, lambda: self._row_update(phase, 0.0))
+
+    @property
+    def rules_key(self) -> tuple:
+        """What the greedy step's filters depend on, for sharing compiled steps between tasks."""
+        rules = self.timestamp_rules
+        ts_rules = (
+            None
+            if rules is None
+            else (rules.ts_begin, rules.eot, rules.no_timestamps, rules.max_initial_timestamp_index)
+        )
+        return (self.model.dims.n_vocab, self.suppressor.key, ts_rules, self.tokenizer.eot)
 
     def _decode_rows(self, features, rows_tokens: list[list[int]], temperature: float):
-        """Decode all rows; returns per-row sampled tokens (EOT excluded), sum logprobs, no-speech probs."""
+        """Decode all rows; returns per-row sampled tokens (EOT excluded), sum logprobs, no-speech probs.
+
+        Pipelined as mlx-lm's generate_step: step i+1 is built and submitted before the host waits on
+        step i's selection, which was submitted on its own earlier, so the device computes step i+1 while
+        the host reads step i and builds the next graph. Rows are dropped on flags one step old."""
         backend, batch = self.backend, len(rows_tokens)
         logits, no_speech, state = self._prefill(features, rows_tokens)
         rows = _Rows.start(batch, backend.xp)
-        done_tokens: dict[int, list[int]] = {}
-        done_logprobs = np.zeros(batch, np.float64)
         max_steps = min(self.sample_len, self.n_ctx - max(len(r) for r in rows_tokens))
+        record = _HostRecord(batch, max_steps, self.tokenizer.eot)
+        pending = self._sample_step(logits, rows, temperature)
         for step in range(max_steps):
-            tokens = self._sample_step(logits, rows, temperature)
+            ahead = None
             if step + 1 < max_steps:
-                logits = backend.step(state, tokens)
-                backend.submit(logits, rows.finished, rows.sum_logprobs)
-            finished = backend.to_host(rows.finished)  # the one host sync of the step
-            if finished.all() or step + 1 == max_steps:
+                ahead = self._sample_step(backend.step(state, rows.history.last), rows, temperature)
+                if not self.pipeline:  # the old grouping: step i's selection evaluated with step i+1
+                    backend.submit(ahead.out, pending.out)
+            record.add(step, backend.to_host(pending.out), pending.index)  # the one host wait of the step
+            finished = record.finished[rows.index]
+            if ahead is None or finished.all():
                 break
             if finished.sum() * 4 >= len(finished):  # drop finished rows so they stop costing compute
-                keep = backend.xp.array(self._retire(rows, finished, done_tokens, done_logprobs))
-                state.take(keep)
-                logits = logits[keep]
-        self._retire(rows, np.ones(len(rows.index), bool), done_tokens, done_logprobs)
-        return [done_tokens[i] for i in range(batch)], done_logprobs, backend.to_host(no_speech)
+                kept = np.flatnonzero(~finished)
+                state.take(backend.xp.array(kept))
+                rows.keep(kept, backend.xp)
+            pending = ahead
+        return [record.sequence(i) for i in range(batch)], record.sum_logprobs, backend.to_host(no_speech)
 
     def _decode_beams(self, features, windows: list[list[int]]) -> list[tuple[list[int], float, float]]:
         """Beam search over every window at once: its beams are rows of each step; per window, the
@@ -679,28 +839,6 @@ class DecodingTask:
         best = rank_candidates(sum_logprobs, lengths, self.options.length_penalty)
         return tokens[best], float(sum_logprobs[best]), no_speech
 
-    def _retire(self, rows: _Rows, finished: np.ndarray, done_tokens: dict, done_logprobs: np.ndarray) -> np.ndarray:
-        """Move finished rows' results to the host; keep the others. Returns the kept row indices."""
-        xp = array_module(rows.finished)
-        to_host = self.backend.to_host
-        sampled = to_host(xp.stack(rows.sampled, axis=1)) if rows.sampled else np.zeros((len(finished), 0), int)
-        sum_logprobs = to_host(rows.sum_logprobs)
-        eot = self.tokenizer.eot
-        for r in np.flatnonzero(finished):
-            seq = sampled[r].tolist()
-            done_tokens[int(rows.index[r])] = seq[: seq.index(eot)] if eot in seq else seq
-            done_logprobs[rows.index[r]] = sum_logprobs[r]
-        keep = np.flatnonzero(~finished)
-        if len(keep) == 0:
-            return keep
-        row_keep = xp.array(keep)
-        rows.index = rows.index[~finished]
-        rows.sampled = [xp.array(sampled[~finished])[:, i] for i in range(sampled.shape[1])]
-        rows.sum_logprobs = rows.sum_logprobs[row_keep]
-        rows.finished = rows.finished[row_keep]
-        rows.history = rows.history.take(row_keep)
-        return keep
-
 
 # ------------------------------------------------------------------------ language detection
 
@@ -722,8 +860,7 @@ def detect_language(model: Whisper, mel=None, tokenizer: Tokenizer | None = None
         single = mel.ndim == 2
         audio_features = backend.encode(mel[None] if single else mel)
     batch = audio_features.shape[0]
-    state = backend.new_state(audio_features, np.zeros(batch, np.int64))
-    logits, _ = backend.prefill(state, np.full((batch, 1), tokenizer.sot), 0)
+    logits = backend.first_token_logits(audio_features, np.full((batch, 1), tokenizer.sot))
     language_tokens = np.array(tokenizer.all_language_tokens)
     probs = _softmax(backend.to_host(logits)[:, language_tokens])
     language_probs = [dict(zip(tokenizer.all_language_codes, map(float, row))) for row in probs]

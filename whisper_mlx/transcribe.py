@@ -560,6 +560,7 @@ def resolve_model(
 
         dtype = None if fp16 is None else (mx.float16 if fp16 else mx.float32)
         model = get_cached_model(path_or_hf_repo or default_model_path(), dtype, backend=backend)
+    model = model if fp16 is None else model.with_dtype(mx.float16 if fp16 else mx.float32)
     return model, backend_for(model, backend)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import gzip
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 
 from .dims import ModelDimensions
 from .dims import sinusoids as sinusoids_table
@@ -103,6 +105,20 @@ class MultiHeadAttention(nn.Module):
     def cross(self, x: mx.array, kv: CrossKV) -> mx.array:
         q = split_heads(self.query(x), self.n_head)
         return self.out(merge_heads(attend_windows(q, kv.keys, kv.values)))
+
+    def cross_from_features(self, x: mx.array, xa: mx.array) -> mx.array:
+        """Cross-attention of one query per row (B, 1, D) straight from the audio features (B, T, D),
+        without their keys/values: a head's scores are (q_h W_k,h) xaᵀ and its output (weights xa) W_v,hᵀ
+        plus the value bias (the weights sum to 1). Plain (unquantized) projections only."""
+        n_head, (batch, _, width) = self.n_head, x.shape
+        head_dim = width // n_head
+        q = self.query(x).reshape(batch, n_head, head_dim)
+        key_rows = self.key.weight.reshape(n_head, head_dim, -1)
+        scores = mx.einsum("bhd,hdk->bhk", q, key_rows) @ xa.swapaxes(1, 2) * head_dim**-0.5
+        weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(xa.dtype)
+        value_rows = self.value.weight.reshape(n_head, head_dim, -1)
+        heads = mx.einsum("bhk,hdk->bhd", weights @ xa, value_rows) + self.value.bias.reshape(n_head, head_dim)
+        return self.out(heads.reshape(batch, 1, width))
 
     def cross_with_weights(self, x: mx.array, xa: mx.array) -> tuple[mx.array, mx.array]:
         """Cross-attention that also returns the (B, H, L, T) attention weights (for word timing)."""
@@ -247,12 +263,18 @@ class DecoderState:
         return self.caches[0].offset
 
     def take(self, windows: mx.array) -> None:
-        """Keep only `windows`, with their rows (compaction after windows finish)."""
+        """Keep only `windows`, with their rows (compaction after windows finish). One layer at a time,
+        each gather evaluated before the next: the old arrays are released as the new ones are made, so
+        the caches never exist twice (a large model's cross-attention keys/values are ~250 MB per row)."""
         per_window = self.rows_per_window
         rows = windows if per_window == 1 else (windows[:, None] * per_window + mx.arange(per_window)).reshape(-1)
         for cache in self.caches:
             cache.take(rows)
-        self.cross_kv = [kv.take(windows) for kv in self.cross_kv]
+            mx.eval(cache.keys, cache.values)
+        for layer in range(len(self.cross_kv)):
+            kept = self.cross_kv[layer].take(windows)
+            self.cross_kv[layer] = kept  # the old keys/values now live only as the gather's inputs
+            mx.eval(kept.keys, kept.values)
         self.pad = self.pad[rows]
 
     def expand(self) -> None:
@@ -301,6 +323,38 @@ class Whisper(nn.Module):
             raise ValueError("alignment heads outside the decoder's layers/heads")
         self.alignment_heads = heads
 
+    def with_dtype(self, dtype) -> Whisper:
+        """This model computing in `dtype`: itself when it already does, else a copy (made once, kept on
+        the model) with its floating parameters cast; quantized weights stay quantized."""
+        if dtype == self.dtype:
+            return self
+        variants = self.__dict__.setdefault("_dtype_variants", SimpleNamespace(by_dtype={})).by_dtype
+        if dtype not in variants:
+            variants[dtype] = self._cast_copy(dtype)
+        return variants[dtype]
+
+    def _cast_copy(self, dtype) -> Whisper:
+        copy = Whisper(self.dims, dtype)
+        quantized = {
+            path: module
+            for path, module in self.named_modules()
+            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        }
+        if quantized:
+            first = next(iter(quantized.values()))
+            nn.quantize(
+                copy,
+                group_size=first.group_size,
+                bits=first.bits,
+                mode=getattr(first, "mode", "affine"),
+                class_predicate=lambda path, _: path in quantized,
+            )
+        floating = (mx.float16, mx.bfloat16, mx.float32)
+        copy.update(tree_map(lambda a: a.astype(dtype) if a.dtype in floating else a, self.parameters()))
+        copy.alignment_heads = self.alignment_heads
+        mx.eval(copy.parameters())
+        return copy
+
     @property
     def is_multilingual(self) -> bool:
         return self.dims.is_multilingual
@@ -333,6 +387,21 @@ class Whisper(nn.Module):
     def _self_attention_mask(self, state: DecoderState, length: int) -> mx.array | None:
         mask = decoder_mask(state.offset, length, state.pad if state.has_padding else None)
         return None if mask is None else mask.astype(self.dtype)
+
+    def first_token_logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
+        """Logits (B, n_vocab) of one token per window at position 0 (<|startoftranscript|>, for language
+        detection) without building the cross-attention keys/values of every layer; quantized models take
+        the cached path."""
+        decoder = self.decoder
+        if any(isinstance(m, nn.QuantizedLinear) for m in decoder.modules()):
+            return self.logits(tokens, audio_features)[:, 0]
+        x = decoder.embed(tokens, mx.zeros((1, 1), mx.int32))
+        for block in decoder.blocks:
+            attn, cross_attn = block.attn, cast(MultiHeadAttention, block.cross_attn)
+            x = x + attn.out(attn.value(block.attn_ln(x)))  # a lone token attends to itself only
+            x = x + cross_attn.cross_from_features(cast(nn.LayerNorm, block.cross_attn_ln)(x), audio_features)
+            x = x + block.mlp(x)
+        return decoder.logits(decoder.ln(x))[:, 0]
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
         """Full-sequence logits (B, L, n_vocab), no cache kept."""

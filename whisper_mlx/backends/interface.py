@@ -73,6 +73,10 @@ class Backend(Protocol):
         """Feed the prompts (W, L), one per window; logits (W, n_vocab) at the last position and at
         `sot_index`. Afterwards every row of a window holds its prompt."""
 
+    def first_token_logits(self, features: Any, tokens: np.ndarray) -> Any:
+        """Logits (W, n_vocab) of one token per window (W, 1) at position 0, keeping no decoder state
+        (language detection reads <|startoftranscript|>'s)."""
+
     def step(self, state: Any, tokens: Any) -> Any:
         """Feed one token per row (W·rows_per_window,); logits (rows, n_vocab) of the next position."""
 

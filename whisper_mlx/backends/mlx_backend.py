@@ -10,6 +10,8 @@ import numpy as np
 
 from ..whisper import DecoderState, Whisper
 
+CACHE_FLOOR_BYTES = 256 * 2**20  # a cache this small is always kept
+
 
 class MLXBackend:
     name = "mlx"
@@ -37,6 +39,9 @@ class MLXBackend:
         state.expand()
         return logits[:, -1], self.model.decoder.logits(hidden[:, sot_index])
 
+    def first_token_logits(self, features: mx.array, tokens: np.ndarray) -> mx.array:
+        return self.model.first_token_logits(mx.array(tokens, dtype=mx.int32), features)
+
     def step(self, state: DecoderState, tokens: mx.array) -> mx.array:
         return self.model.step(tokens[:, None], state)[0][:, -1]
 
@@ -54,4 +59,7 @@ class MLXBackend:
         return np.array(logits[0]), np.array(picked.astype(mx.float32))
 
     def free_cached_buffers(self) -> None:
-        mx.clear_cache()  # batch shapes vary, so MLX's cache of freed buffers would only grow
+        """Between batches: MLX keeps freed buffers to reuse them; the next batch of the same shape reuses
+        them, so they are released only once the cache outgrows the memory in use (batch shapes vary)."""
+        if mx.get_cache_memory() > max(mx.get_active_memory(), CACHE_FLOOR_BYTES):
+            mx.clear_cache()

@@ -89,6 +89,10 @@ class NumpyBackend:
         logits = state.decoder.logits(hidden.swapaxes(0, 1).reshape(-1, hidden.shape[-1]))
         return logits[: len(tokens)], logits[len(tokens) :]
 
+    def first_token_logits(self, features: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        state = self.new_state(features, np.zeros(len(tokens), np.int64))
+        return self.prefill(state, tokens, 0)[0]
+
     def step(self, state: HostDecoderState, tokens: np.ndarray) -> np.ndarray:
         decoder = state.decoder
         return decoder.logits(decoder.hidden(np.asarray(tokens)[:, None], state)[:, -1])
