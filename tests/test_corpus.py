@@ -17,7 +17,9 @@ from whisper_mlx.corpus import (
     LOCK_NAME,
     MANIFEST_NAME,
     CorpusError,
+    CorpusItem,
     assign_names,
+    build_dataset,
     discover_inputs,
     main,
     read_manifest,
@@ -177,6 +179,17 @@ def test_a_list_file_with_two_workers(local_ray, corpus, references, tmp_path):
     assert "no such audio file" in summary.errors[str(tmp_path / "missing.wav")]
     for path in chosen:
         assert (tmp_path / "out" / f"{Path(path).stem}.txt").read_text(encoding="utf-8") == txt_of(references[path])
+
+
+def test_decoding_runs_in_ray_tasks_beside_the_actor_pool(local_ray, corpus, references):
+    chosen = list(references)[:2]
+    dataset = build_dataset([CorpusItem(path, Path(path).stem) for path in chosen], 1, None, BATCH_SIZE, {})
+    rows = list(dataset.iter_rows())
+    assert sorted(row["input"] for row in rows) == sorted(chosen)
+    assert all(json.loads(row["result"])["text"] == references[row["input"]]["text"] for row in rows)
+    stats = dataset.stats()
+    assert "Map(decode_row): 2 tasks executed" in stats  # one task per input, not fused into the actors
+    assert "MapBatches(Transcriber)" in stats and "Map(decode_row)->" not in stats
 
 
 def test_inputs_and_names():

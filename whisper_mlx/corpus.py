@@ -432,8 +432,8 @@ def quiet_ray_data(ray) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | None, batch_size: int, options: dict):
-    """The Ray Data pipeline: decoding tasks, then the actor pool; yields rows as inputs finish."""
+def build_dataset(items: Sequence[CorpusItem], workers: int, model: str | None, batch_size: int, options: dict):
+    """The Ray Data pipeline: a decoding task per input, then the actor pool, batch_size inputs per call."""
     ray = import_ray()
     cpus = actor_cpus(workers)
     rows = [{"input": item.input, "name": item.name} for item in items]
@@ -441,7 +441,7 @@ def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | Non
     dataset = dataset.map(decode_row, num_cpus=DECODE_TASK_CPUS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # max_restarts has no named parameter yet
-        dataset = dataset.map_batches(
+        return dataset.map_batches(
             Transcriber,
             fn_constructor_kwargs={"model": model, "batch_size": batch_size, "options": options},
             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -453,6 +453,12 @@ def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | Non
             # args that differ from the decoding tasks' also keep Ray Data from fusing decoding into the actors.)
             max_restarts=0,
         )
+
+
+def transcribed_rows(items: Sequence[CorpusItem], workers: int, model: str | None, batch_size: int, options: dict):
+    """The pipeline's rows as inputs finish; a run Ray stops raises CorpusError."""
+    ray = import_ray()
+    dataset = build_dataset(items, workers, model, batch_size, options)
     try:
         with quiet_ray_data(ray):
             yield from dataset.iter_rows()
