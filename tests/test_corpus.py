@@ -172,13 +172,21 @@ def test_a_fixed_input_is_retried(first_run, corpus, data_dir, tmp_path):
 
 def test_a_list_file_with_two_workers(local_ray, corpus, references, tmp_path):
     chosen = [path for path in references if "alice_0" in path][:4]
+    out = tmp_path / "out"
+    out.mkdir()
+    # audio whose txt output would be the file itself: refused, never overwritten
+    in_the_way = out / "clip.txt"
+    shutil.copyfile(chosen[0], in_the_way)
     listing = tmp_path / "inputs.txt"
-    listing.write_text("# four inputs\n\n" + "\n".join(chosen) + "\n" + str(tmp_path / "missing.wav") + "\n")
-    summary = transcribe_corpus(listing, tmp_path / "out", workers=2, batch_size=BATCH_SIZE)
-    assert (summary.transcribed, summary.failed) == (4, 1)
-    assert "no such audio file" in summary.errors[str(tmp_path / "missing.wav")]
+    missing = tmp_path / "missing.wav"
+    listing.write_text("# four inputs, two that fail\n\n" + "\n".join([*chosen, str(missing), "out/clip.txt"]) + "\n")
+    summary = transcribe_corpus(listing, out, workers=2, batch_size=BATCH_SIZE)
+    assert (summary.transcribed, summary.failed) == (4, 2)
+    assert "no such audio file" in summary.errors[str(missing)]
+    assert summary.errors[str(in_the_way)].startswith(f"refusing to write {in_the_way}: it is an input audio file")
+    assert in_the_way.read_bytes() == Path(chosen[0]).read_bytes()
     for path in chosen:
-        assert (tmp_path / "out" / f"{Path(path).stem}.txt").read_text(encoding="utf-8") == txt_of(references[path])
+        assert (out / f"{Path(path).stem}.txt").read_text(encoding="utf-8") == txt_of(references[path])
 
 
 def test_decoding_runs_in_ray_tasks_beside_the_actor_pool(local_ray, corpus, references):

@@ -48,7 +48,8 @@ _RAISED_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
 
 
 class CorpusError(WhisperMLXError):
-    """A corpus run that cannot start: no inputs, an unwritable output directory, no Ray, no cluster."""
+    """A corpus run that cannot start (no inputs, an unwritable output directory, no Ray, no cluster) or
+    that Ray stopped; one input's failure is recorded in the manifest instead."""
 
 
 @dataclass(frozen=True)
