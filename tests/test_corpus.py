@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_audio import write_mp3
 
 from whisper_mlx.audio import SAMPLE_RATE, load_audio
 from whisper_mlx.corpus import (
@@ -177,11 +178,17 @@ def test_a_list_file_with_two_workers(local_ray, corpus, references, tmp_path):
     # audio whose txt output would be the file itself: refused, never overwritten
     in_the_way = out / "clip.txt"
     shutil.copyfile(chosen[0], in_the_way)
+    cut = tmp_path / "cut.mp3"  # an MP3 cut in half: its decodable half is transcribed, with a warning
+    write_mp3(load_audio(chosen[1]), tmp_path / "whole.mp3")
+    cut.write_bytes((tmp_path / "whole.mp3").read_bytes()[: (tmp_path / "whole.mp3").stat().st_size // 2])
     listing = tmp_path / "inputs.txt"
     missing = tmp_path / "missing.wav"
-    listing.write_text("# four inputs, two that fail\n\n" + "\n".join([*chosen, str(missing), "out/clip.txt"]) + "\n")
+    entries = [*chosen, str(missing), "out/clip.txt", "cut.mp3"]
+    listing.write_text("# four inputs, two that fail, one cut short\n\n" + "\n".join(entries) + "\n")
     summary = transcribe_corpus(listing, out, workers=2, batch_size=BATCH_SIZE)
-    assert (summary.transcribed, summary.failed) == (4, 2)
+    assert (summary.transcribed, summary.failed) == (5, 2)
+    assert list(summary.warnings) == [str(cut)] and "probably truncated" in summary.warnings[str(cut)]
+    assert read_manifest(out / MANIFEST_NAME)[str(cut)]["warning"] == summary.warnings[str(cut)]
     assert "no such audio file" in summary.errors[str(missing)]
     assert summary.errors[str(in_the_way)].startswith(f"refusing to write {in_the_way}: it is an input audio file")
     assert in_the_way.read_bytes() == Path(chosen[0]).read_bytes()

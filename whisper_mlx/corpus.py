@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
-from .errors import WhisperMLXError
+from .errors import WhisperMLXError, WhisperMLXWarning
 from .writers import OUTPUT_FORMATS, WRITERS, output_name_for
 
 PROG = "whisper_mlx corpus"
@@ -71,6 +71,7 @@ class CorpusSummary:
     manifest: str
     seconds: float
     errors: dict[str, str]
+    warnings: dict[str, str]
 
     def line(self) -> str:
         return (
@@ -194,8 +195,16 @@ def previous_names(entries: dict[str, dict]) -> dict[str, str]:
     }
 
 
-def error_entry(path: str, message: str, duration: float | None = None) -> dict:
-    return {"input": path, "status": "error", "duration": duration, "language": None, "outputs": [], "error": message}
+def error_entry(path: str, message: str, duration: float | None = None, warning: str | None = None) -> dict:
+    return {
+        "input": path,
+        "status": "error",
+        "duration": duration,
+        "language": None,
+        "outputs": [],
+        "error": message,
+        "warning": warning,
+    }
 
 
 def one_line(exc: BaseException | str) -> str:
@@ -327,12 +336,18 @@ def connect_ray(address: str | None, workers: int) -> bool:
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: one input decoded to 16 kHz mono, or the reason it cannot be."""
-    try:
-        audio = load_audio(row["input"])
-    except Exception as exc:  # recorded in the manifest; the corpus goes on
-        return {**row, "audio": np.zeros(0, np.float32), "duration": 0.0, "error": one_line(exc)}
-    return {**row, "audio": audio, "duration": audio.size / SAMPLE_RATE, "error": ""}
+    """Ray task: one input decoded to 16 kHz mono, or the reason it cannot be; with the warnings the
+    decoding issued (a truncated file), which would otherwise end in a worker's log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WhisperMLXWarning)
+        try:
+            audio = load_audio(row["input"])
+        except Exception as exc:  # recorded in the manifest; the corpus goes on
+            audio, error = np.zeros(0, np.float32), one_line(exc)
+        else:
+            error = ""
+    issued = [one_line(str(w.message)) for w in caught if issubclass(w.category, WhisperMLXWarning)]
+    return {**row, "audio": audio, "duration": audio.size / SAMPLE_RATE, "error": error, "warning": "; ".join(issued)}
 
 
 def transcribe_waveforms(model, waveforms: Sequence[np.ndarray], batch_size: int, options: dict) -> list[Any]:
@@ -390,6 +405,7 @@ class Transcriber:
             "input": batch["input"],
             "name": batch["name"],
             "duration": batch["duration"],
+            "warning": batch["warning"],
             "result": np.array(as_json, dtype=object),
             "error": np.array(errors, dtype=object),
         }
@@ -474,13 +490,14 @@ def finish_row(row: dict, output_dir: str, formats: Sequence[str], inputs: set) 
     """Write a transcribed row's outputs; its manifest entry (ok, or the error that stopped it)."""
     item = CorpusItem(str(row["input"]), str(row["name"]))
     duration = round(float(row["duration"]), 3) if row["duration"] else None
+    warning = str(row["warning"]) or None
     if row["error"]:
-        return error_entry(item.input, str(row["error"]), duration)
+        return error_entry(item.input, str(row["error"]), duration, warning)
     result = json.loads(row["result"])
     try:
         outputs = write_outputs(result, item, output_dir, formats, inputs)
     except (WhisperMLXError, OSError, ValueError) as exc:
-        return error_entry(item.input, one_line(exc), duration)
+        return error_entry(item.input, one_line(exc), duration, warning)
     return {
         "input": item.input,
         "status": "ok",
@@ -488,6 +505,7 @@ def finish_row(row: dict, output_dir: str, formats: Sequence[str], inputs: set) 
         "language": result.get("language"),
         "outputs": outputs,
         "error": None,
+        "warning": warning,
     }
 
 
@@ -519,7 +537,9 @@ def transcribe_corpus(
     out = os.fspath(output_dir)
     check_output_dir(out)
     with exclusive_output_dir(out):
-        todo, skipped, failed = run_corpus(corpus, out, chosen_formats, workers, address, model, batch_size, options)
+        todo, skipped, failed, warned = run_corpus(
+            corpus, out, chosen_formats, workers, address, model, batch_size, options
+        )
     return CorpusSummary(
         total=len(corpus),
         transcribed=todo - len(failed),
@@ -528,6 +548,7 @@ def transcribe_corpus(
         manifest=os.path.join(out, MANIFEST_NAME),
         seconds=time.monotonic() - started,
         errors=failed,
+        warnings=warned,
     )
 
 
@@ -540,13 +561,15 @@ def run_corpus(
     model: str | None,
     batch_size: int,
     options: dict,
-) -> tuple[int, int, dict[str, str]]:
-    """Transcribe what the manifest does not record as done; (inputs run, inputs skipped, failures)."""
+) -> tuple[int, int, dict[str, str], dict[str, str]]:
+    """Transcribe what the manifest does not record as done; (inputs run, inputs skipped, each failed
+    input's error, each warned input's warning)."""
     manifest_path = os.path.join(out, MANIFEST_NAME)
     entries = read_manifest(manifest_path)
     items = assign_names(corpus, previous_names(entries))
     todo = [item for item in items if not is_done(entries.get(item.input), out, item.name, formats)]
     failed: dict[str, str] = {}
+    warned: dict[str, str] = {}
     if todo:
         ray = import_ray()
         check_model(model)
@@ -559,11 +582,13 @@ def run_corpus(
                 entries[entry["input"]] = entry
                 if entry["status"] != "ok":
                     failed[entry["input"]] = entry["error"]
+                if entry["warning"]:
+                    warned[entry["input"]] = entry["warning"]
         finally:
             if connected:
                 ray.shutdown()
     rewrite_manifest(manifest_path, _ordered_entries(entries, corpus))
-    return len(todo), len(items) - len(todo), failed
+    return len(todo), len(items) - len(todo), failed, warned
 
 
 def _ordered_entries(entries: dict[str, dict], corpus: Sequence[str]) -> Iterator[dict]:
@@ -639,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (re-run to resume)", file=sys.stderr)
         return 130
+    for path, message in summary.warnings.items():
+        print(f"{PROG}: warning: {path}: {_without_path(message, path)}", file=sys.stderr)
     for path, message in summary.errors.items():
         print(f"{PROG}: error: {path}: {_without_path(message, path)}", file=sys.stderr)
     print(f"{PROG}: {summary.line()}")
