@@ -103,7 +103,7 @@ def decode_upload(upload: UploadFile, upload_dir: str, limit: int) -> np.ndarray
         return load_audio(path)
     except WhisperMLXError as exc:
         name = upload.filename or "file"
-        raise bad_request(f"{name}: not decodable audio ({str(exc).replace(path, 'upload')})", param="file") from None
+        raise bad_request(str(exc).replace(path, name), param="file") from None
     finally:
         os.unlink(path)
 

@@ -10,16 +10,22 @@ from pathlib import Path
 import uvicorn
 
 from ..errors import WhisperMLXError
-from ..load_models import default_model_path, load_model
+from ..load_models import load_model
 from ..many import BatchEngine
 from .app import create_app
 
 PROG = "whisper_mlx serve"
 
 
+DEFAULT_MODEL_NAME = "tiny.en"  # what default_model_path() holds
+
+
 def served_name(model_arg: str | None) -> str:
-    """The model's id in /v1/models: as the user named it, or the default model's directory name."""
-    return model_arg or Path(default_model_path()).name
+    """The model's id in /v1/models: a local model's directory name, a Hub name as given, or the default's."""
+    if model_arg is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(model_arg)
+    return path.resolve().name if path.exists() else model_arg
 
 
 def serve(args: argparse.Namespace) -> int:
