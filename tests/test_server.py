@@ -39,7 +39,8 @@ class GatedEngine:
 
     def submit(self, audio, **options):
         self.gate.wait()
-        return self.engine.submit(audio, **options)
+        self.last_future = self.engine.submit(audio, **options)
+        return self.last_future
 
 
 class RunningServer:
@@ -363,6 +364,47 @@ def test_wrong_or_missing_api_key_gets_401(server, data_dir):
     assert httpx.get(server.url + "/health").status_code == 200  # health checks need no key
 
 
+def multipart_request(port: int, audio: bytes) -> bytes:
+    boundary = "whisper-mlx-test"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
+        + audio
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_a_client_that_hangs_up_has_its_input_cancelled(server, gated, data_dir, upload_dir):
+    import io
+    import wave
+
+    import numpy as np
+
+    from whisper_mlx.audio import load_audio
+
+    minute = np.tile(load_audio(str(data_dir / "jfk.flac")), 6)[: 60 * 16000]  # decoding takes seconds
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes((minute * 32767).astype("<i2").tobytes())
+    gated.gate.clear()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(multipart_request(server.port, wav.getvalue()))
+            wait_in_flight(server, 1)
+    finally:
+        gated.gate.set()
+    wait_in_flight(server, 0)
+    assert gated.last_future.cancelled()
+    assert list(upload_dir.iterdir()) == []
+
+
 def test_malformed_bodies_and_fields_get_400(server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     url = server.url + "/v1/audio/transcriptions"
@@ -371,6 +413,12 @@ def test_malformed_bodies_and_fields_get_400(server):
     unknown = httpx.post(url, headers=headers, files={"file": ("a.wav", b"x"), "colour": (None, "blue")})
     assert [r.status_code for r in (not_multipart, no_file, unknown)] == [400, 400, 400]
     assert no_file.json()["error"]["param"] == "file"
+    chunks = [b"--b\r\n", b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n']
+    chunks += [bytes(1024 * 1024)] * (MAX_UPLOAD_MB + 2)  # no Content-Length: the size shows only as it arrives
+    chunked = httpx.post(
+        url, headers={**headers, "Content-Type": "multipart/form-data; boundary=b"}, content=iter(chunks)
+    )
+    assert chunked.status_code == 400 and "larger than the limit" in chunked.json()["error"]["message"]
     assert unknown.json()["error"]["param"] == "colour"
     assert httpx.get(server.url + "/v1/nothing", headers=headers).json()["error"]["type"] == "invalid_request_error"
 

@@ -164,11 +164,11 @@ class AudioEndpoint:
             )
             upload = uploaded_file(form)
             self.admission.admit()
-            return await self.admitted(parsed, upload)
+            return await self.admitted(request, parsed, upload)
         finally:
             await form.close()
 
-    async def admitted(self, parsed: AudioRequest, upload: UploadFile) -> Response:
+    async def admitted(self, request: Request, parsed: AudioRequest, upload: UploadFile) -> Response:
         """Decode and submit; the admission slot is held until the engine's future is done."""
         loop = asyncio.get_running_loop()
         segments: asyncio.Queue = asyncio.Queue()
@@ -185,7 +185,7 @@ class AudioEndpoint:
             future.add_done_callback(lambda _: post_to_loop(loop, segments, STREAM_END))
             return StreamingResponse(stream_events(future, segments), media_type="text/event-stream")
         try:
-            result = await asyncio.wrap_future(future)
+            result = await result_while_connected(request, future)
         except Exception as exc:
             raise as_api_error(exc) from None
         duration = len(audio) / SAMPLE_RATE
@@ -193,6 +193,26 @@ class AudioEndpoint:
             result, parsed.response_format, task=parsed.task, duration=duration, granularities=parsed.granularities
         )
         return Response(body, media_type=MEDIA_TYPES[parsed.response_format])
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up (the body is read by now, so the server's next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def result_while_connected(request: Request, future) -> dict:
+    """The engine's result; if the client leaves first, its input is cancelled so the engine drops it."""
+    result = asyncio.wrap_future(future)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not result.done():
+        future.cancel()
+        raise APIError(499, "the client closed the connection", "invalid_request_error")
+    return result.result()
 
 
 def post_to_loop(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
