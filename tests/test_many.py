@@ -137,6 +137,23 @@ def test_close_with_pending_work_returns(tiny_en, inputs):
         engine.submit(inputs["jfk"])
 
 
+def test_an_engine_failure_fails_the_waiting_inputs(tiny_en, inputs, monkeypatch):
+    """A bug past the per-input guards (here: building the result) must fail the futures, not hang them."""
+    import whisper_mlx.many
+
+    def broken_result(ctx, lanes):
+        raise RuntimeError("result builder broke")
+
+    monkeypatch.setattr(whisper_mlx.many, "lanes_result", broken_result)
+    engine = BatchEngine(tiny_en, batch_size=BATCH)
+    futures = [engine.submit(inputs["jfk"]), engine.submit(inputs["ls_test"])]
+    for future in futures:
+        with pytest.raises(RuntimeError, match="result builder broke"):
+            future.result()
+    engine.close()
+    assert not engine._decoder.is_alive()
+
+
 def test_close_finishes_submitted_work(tiny_en, inputs, alone):
     engine = BatchEngine(tiny_en, batch_size=BATCH)
     futures = [engine.submit(inputs["jfk"]), engine.submit(inputs["ls_test"])]

@@ -198,7 +198,7 @@ class BatchEngine:
         """The oldest submitted input once there is room to load it; None when closing with none left."""
         with self._cond:
             while True:
-                while self._submitted and self._submitted[0].future.cancelled():
+                while self._submitted and self._submitted[0].future.done():  # cancelled, or failed by a crash
                     self._submitted.popleft()
                 room = len(self._loaded) + len(self._active) < self.max_loaded
                 if self._submitted and room:
@@ -261,6 +261,17 @@ class BatchEngine:
             return loaded
 
     def _decode_loop(self) -> None:
+        try:
+            self._decode_until_done()
+        except BaseException as exc:  # an engine bug must fail the waiting futures, never leave them hanging
+            with self._cond:
+                self._closing = True
+                jobs = [*self._submitted, *self._loaded, *self._active]
+                self._cond.notify_all()
+            for job in jobs:
+                job.fail(exc)  # the error reaches the callers through their futures
+
+    def _decode_until_done(self) -> None:
         while (loaded := self._take_loaded()) is not None:
             for job in loaded:
                 self._admit(job)
