@@ -246,7 +246,7 @@ def models_body(config: ServerConfig, created: int) -> dict:
 
 
 def api_error_response(_: Request, exc: Exception) -> JSONResponse:
-    error = exc if isinstance(exc, APIError) else server_error(str(exc))
+    error = exc if isinstance(exc, APIError) else server_error(f"unexpected {type(exc).__name__}: {exc}")
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
@@ -299,6 +299,7 @@ def create_app(
     app.add_middleware(UploadLimitMiddleware, max_body_bytes=config.max_upload_bytes)
     app.add_exception_handler(APIError, api_error_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
+    app.add_exception_handler(Exception, api_error_response)  # anything unforeseen: a 500 in OpenAI's shape too
     app.state.endpoint = endpoint
     add_routes(app, endpoint, config)
     return app
