@@ -10,7 +10,7 @@
 # Results go to OUT_DIR: device.json, goldens (float16, float32), the long-form comparison per model
 # (whisper_mlx batched and sequential, mlx-whisper, lightning on alice_ch1), per-step loop timings with and
 # without pipelining, and run.log. --skip-install: a dry run where MLX is already installed (this CPU);
-# --quick: jfk and one model only; --dtypes: the dtypes of the goldens and loop timings.
+# --quick: jfk, two windows and one model only; --dtypes: the dtypes of the goldens and loop timings.
 set -uo pipefail
 
 OUT="${1:?usage: gpu_run.sh OUT_DIR [--skip-install] [--quick] [--parts DIR]}"
@@ -81,13 +81,14 @@ log "device: $(tr -d '\n' <"$OUT/device.json")"
 
 MODELS="tiny.en base"
 FILES="alice_ch1"
-if [ "$QUICK" = 1 ]; then MODELS="tiny.en"; FILES="jfk"; fi
+WINDOWS=12
+if [ "$QUICK" = 1 ]; then MODELS="tiny.en"; FILES="jfk"; WINDOWS=2; fi
 for dtype in $DTYPES; do
     step "goldens-$dtype" 120 python -m benchmarks.gpu_goldens --dtype "$dtype" --out "$OUT"
 done
 for model in $MODELS; do
     for dtype in $DTYPES; do
-        step "loop-$model-$dtype" 90 python -m benchmarks.mlx_loop --model "$model" --dtype "$dtype" --windows 12 --out "$OUT"
+        step "loop-$model-$dtype" 90 python -m benchmarks.mlx_loop --model "$model" --dtype "$dtype" --windows "$WINDOWS" --out "$OUT"
     done
 done
 for model in $MODELS; do
