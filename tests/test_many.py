@@ -97,7 +97,7 @@ def test_submissions_from_threads_stream_segments_in_order(tiny_en, inputs, alon
 
     with BatchEngine(tiny_en, batch_size=BATCH) as engine:
         futures = {"alice": engine.submit(inputs["alice"], on_segment=collector("alice"))}
-        first_segment.wait()  # the engine is running; the others join its batches
+        assert first_segment.wait(timeout=600)  # the engine is running; the others join its batches
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             late = ("jfk", "ls_test")
             submitted = {name: pool.submit(engine.submit, inputs[name], on_segment=collector(name)) for name in late}
