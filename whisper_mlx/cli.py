@@ -163,27 +163,6 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--vad", default="silero", choices=["silero", "energy"], help="voice-activity detector: Silero VAD or energy"
     )
     group.add_argument(
-        "--best-of", type=optional_int, default=5, help="candidates sampled when the temperature is not zero"
-    )
-    group.add_argument(
-        "--beam-size",
-        type=optional_int,
-        default=None,
-        help="beams searched at temperature 0 (openai's CLI uses 5); default: greedy decoding",
-    )
-    group.add_argument(
-        "--patience",
-        type=optional_float,
-        default=None,
-        help="beam search stops at beam size x patience finished candidates (arXiv:2204.05424); default 1.0",
-    )
-    group.add_argument(
-        "--length-penalty",
-        type=optional_float,
-        default=None,
-        help="rank candidates with Google NMT's length penalty alpha (0 to 1); default: length normalisation",
-    )
-    group.add_argument(
         "--suppress-tokens",
         default="-1",
         help="comma-separated token ids to suppress; -1 suppresses most special characters",
@@ -212,6 +191,31 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="compute in float16 (--no-fp16: float32); default: the library's choice",
+    )
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("beam search and sampling")
+    group.add_argument(
+        "--best-of", type=optional_int, default=5, help="candidates sampled when the temperature is not zero"
+    )
+    group.add_argument(
+        "--beam-size",
+        type=optional_int,
+        default=None,
+        help="beams searched at temperature 0 (openai's CLI uses 5); default: greedy decoding",
+    )
+    group.add_argument(
+        "--patience",
+        type=optional_float,
+        default=None,
+        help="beam search stops at beam size x patience finished candidates (arXiv:2204.05424); default 1.0",
+    )
+    group.add_argument(
+        "--length-penalty",
+        type=optional_float,
+        default=None,
+        help="rank candidates with Google NMT's length penalty alpha (0 to 1); default: length normalisation",
     )
 
 
@@ -276,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_input_output_arguments(parser)
     _add_decoding_arguments(parser)
+    _add_search_arguments(parser)
     _add_fallback_arguments(parser)
     _add_timing_arguments(parser)
     _add_subtitle_arguments(parser)

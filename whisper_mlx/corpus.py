@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
+from .cli import positive_int
 from .errors import WhisperMLXError, WhisperMLXWarning
 from .writers import OUTPUT_FORMATS, WRITERS, output_name_for
 
@@ -599,13 +600,6 @@ def _ordered_entries(entries: dict[str, dict], corpus: Sequence[str]) -> Iterato
 
 
 # ---- command line ----
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

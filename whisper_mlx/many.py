@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .audio import FRAMES_PER_SECOND, N_FRAMES
+from .audio import FRAMES_PER_SECOND
 from .backends import backend_for
 from .decoding import DecodingOptions
 from .errors import DecodingError
@@ -295,16 +295,8 @@ class BatchEngine:
             return job.release()
         try:
             group = self._group_for(job.decoding, job.options)
-            mel, speech = job.loaded
-            job.ctx = Context(
-                self.model,
-                self.backend,
-                mel,
-                mel.n_frames - N_FRAMES,
-                job.options,
-                group.tasks,
-                language=job.decoding.language,
-                speech_probabilities=speech,
+            job.ctx = Context.for_input(
+                self.model, self.backend, job.loaded, job.options, group.tasks, job.decoding.language
             )
             job.loaded = None
             job.lanes = plan_input_lanes(job.ctx)

@@ -10,6 +10,7 @@ import inspect
 import itertools
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import cast
@@ -204,6 +205,13 @@ class Context:
     language: str | None = None
     first_window: tuple[int, object] | None = None  # (seek, encoder output) kept from detection
     speech_probabilities: np.ndarray | None = None  # Silero's, one per 512 samples, when it ran
+
+    @classmethod
+    def for_input(cls, model, backend, loaded, options, tasks, language: str | None) -> Context:
+        """One input's context from its (mel, speech probabilities), as mel_and_speech gives them."""
+        mel, speech = loaded
+        content_frames = mel.n_frames - N_FRAMES
+        return cls(model, backend, mel, content_frames, options, tasks, language=language, speech_probabilities=speech)
 
     def speech_map(self) -> SpeechMap:
         """Where the speech is, per mel frame, from Silero's probabilities or else the mel's energy."""
@@ -668,20 +676,10 @@ def transcribe(
         vad=vad,
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
-    mel, speech_probabilities = mel_and_speech(audio, model.dims.n_mels, options)
-    ctx = Context(
-        model,
-        model_backend,
-        mel,
-        mel.n_frames - N_FRAMES,
-        options,
-        TaskCache(model, decoding),
-        language=decoding.language,
-        speech_probabilities=speech_probabilities,
-    )
+    loaded = mel_and_speech(audio, model.dims.n_mels, options)
+    tasks = TaskCache(model, decoding)
+    ctx = Context.for_input(model, model_backend, loaded, options, tasks, decoding.language)
     if word_timestamps and decoding.task == "translate":
-        import warnings
-
         warnings.warn("Word-level timestamps on translations may not be reliable.", stacklevel=2)
     return run_transcription(ctx)
 

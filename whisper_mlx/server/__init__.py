@@ -9,6 +9,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ..cli import positive_int
+
 PROG = "whisper_mlx serve"
 EXTRA_MODULES = ("fastapi", "uvicorn", "multipart")
 
@@ -28,13 +30,6 @@ def create_app(*args, **kwargs):
     from .app import create_app as app_factory
 
     return app_factory(*args, **kwargs)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
 
 
 def positive_float(text: str) -> float:
