@@ -2,6 +2,8 @@
 one `transcribe` gives it alone, errors stay with their input, segments stream in time order."""
 
 import concurrent.futures
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -207,3 +209,26 @@ def test_lightning_lists(data_dir, inputs, alone):
     assert len(errors) == 1 and isinstance(errors[0], AudioError)
     with pytest.raises(AudioError, match="no such audio file"):
         whisper.transcribe([inputs["jfk"], str(data_dir / "missing.wav")])
+
+
+ENGINE_ON_MLX_THEN_EXIT = """
+import sys
+from whisper_mlx import load_model, transcribe_many
+model = load_model(sys.argv[1], backend="mlx")
+for _, result in transcribe_many([sys.argv[2], sys.argv[2]], model=model, batch_size=2):
+    assert isinstance(result, dict), result
+"""
+
+
+def test_the_process_exits_cleanly_after_mlx_work_on_engine_threads(tiny_en_dir, data_dir):
+    """MLX streams made on the engine's threads are destroyed as they end; left to process exit they
+    made it abort ("terminate called without an active exception", exit status 134) about half the time."""
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", ENGINE_ON_MLX_THEN_EXIT, str(tiny_en_dir), str(data_dir / "jfk.flac")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr

@@ -25,6 +25,7 @@ from .audio import FRAMES_PER_SECOND
 from .backends import backend_for
 from .decoding import DecodingOptions
 from .errors import DecodingError
+from .runtime import end_mlx_thread
 from .transcribe import (
     Context,
     Lane,
@@ -221,6 +222,7 @@ class BatchEngine:
                         self._loaded.append(job)
                     self._cond.notify_all()
         finally:
+            end_mlx_thread()
             with self._cond:
                 self._loader_done = True
                 self._cond.notify_all()
@@ -270,6 +272,8 @@ class BatchEngine:
                 self._cond.notify_all()
             for job in jobs:
                 job.fail(exc)  # the error reaches the callers through their futures
+        finally:
+            end_mlx_thread()
 
     def _decode_until_done(self) -> None:
         while (loaded := self._take_loaded()) is not None:

@@ -103,6 +103,14 @@ def default_dtype():
     return mx.float32 if on_cpu() else mx.float16
 
 
+def end_mlx_thread() -> None:
+    """Destroy the MLX streams this thread created: a thread that ran MLX work must, or the process
+    may abort at exit ("terminate called without an active exception"; MLX leaves it to the caller)."""
+    mx = sys.modules.get("mlx.core")
+    if mx is not None and hasattr(mx, "clear_streams"):
+        mx.clear_streams()
+
+
 def device_name() -> str:
     """The device MLX computes on: metal, cuda or cpu."""
     import mlx.core as mx
