@@ -437,11 +437,15 @@ def transcribe_reporting_warnings(audio_file: str, label: str, model, options: d
                 report_warning(f"{label}: {_message_without_path(warning.message, audio_file)}")
 
 
+def refuse_overwriting_inputs(args: argparse.Namespace, name: str, protected: list) -> None:
+    """Raise before anything is transcribed if one of this input's outputs would replace an input."""
+    for target in output_paths(args.output_format, args.output_dir, name):
+        ensure_not_overwriting(target, protected)
+
+
 def transcribe_one(audio: str, name: str, model, args: argparse.Namespace, options: dict, protected: list) -> None:
     """Transcribe one input and write its output set; raises on failure."""
-    targets = output_paths(args.output_format, args.output_dir, name)
-    for target in targets:
-        ensure_not_overwriting(target, protected)
+    refuse_overwriting_inputs(args, name, protected)
     audio_file = read_stdin_to_file(sys.stdin.buffer.read()) if audio == STDIN else audio
     try:
         result = transcribe_reporting_warnings(audio_file, "<stdin>" if audio == STDIN else audio, model, options)
@@ -503,8 +507,7 @@ def run_many(args: argparse.Namespace, inputs: Sequence[str], names: list, model
     jobs: dict[str, list[tuple[str, str]]] = {}  # audio file -> (input as given, output name) per mention
     for audio, name in zip(inputs, names):
         try:
-            for target in output_paths(args.output_format, args.output_dir, name):
-                ensure_not_overwriting(target, protected)
+            refuse_overwriting_inputs(args, name, protected)
             audio_file = read_stdin_to_file(sys.stdin.buffer.read()) if audio == STDIN else audio
         except Exception as exc:
             report_failure("<stdin>" if audio == STDIN else audio, audio, exc)

@@ -30,7 +30,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, load_audio
 from .cli import positive_int
 from .errors import WhisperMLXError, WhisperMLXWarning
-from .writers import OUTPUT_FORMATS, WRITERS, output_name_for
+from .writers import OUTPUT_FORMATS, WRITERS, format_paths, output_name_for
 
 PROG = "whisper_mlx corpus"
 MANIFEST_NAME = "manifest.jsonl"
@@ -176,15 +176,11 @@ def rewrite_manifest(path: str, entries: Iterable[dict]) -> None:
     os.replace(file.name, path)
 
 
-def target_paths(output_dir: str, name: str, formats: Sequence[str]) -> list[str]:
-    return [os.path.join(output_dir, f"{name}.{fmt}") for fmt in formats]
-
-
 def is_done(entry: dict | None, output_dir: str, name: str, formats: Sequence[str]) -> bool:
     """Done: the manifest says ok and every requested output exists."""
     if entry is None or entry.get("status") != "ok":
         return False
-    return all(os.path.isfile(path) for path in target_paths(output_dir, name, formats))
+    return all(os.path.isfile(path) for path in format_paths(formats, output_dir, name))
 
 
 def previous_names(entries: dict[str, dict]) -> dict[str, str]:
@@ -232,7 +228,7 @@ def write_outputs(result: dict, item: CorpusItem, output_dir: str, formats: Sequ
     """Write every requested format for one input; refuses (before writing any) to replace an input.
     Returns the paths written, relative to `output_dir` (the manifest's directory: a moved output
     directory keeps a valid manifest)."""
-    targets = target_paths(output_dir, item.name, formats)
+    targets = format_paths(formats, output_dir, item.name)
     for target in targets:
         try:
             stat = os.stat(target)

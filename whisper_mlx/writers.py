@@ -291,7 +291,11 @@ WRITERS = {"txt": WriteTXT, "vtt": WriteVTT, "srt": WriteSRT, "tsv": WriteTSV, "
 
 def output_paths(output_format: str, output_dir: str, name: str) -> list:
     """The files `get_writer(output_format, output_dir)` would write for the output base name `name`."""
-    formats = OUTPUT_FORMATS if output_format == "all" else (output_format,)
+    return format_paths(OUTPUT_FORMATS if output_format == "all" else (output_format,), output_dir, name)
+
+
+def format_paths(formats: Iterable[str], output_dir: str, name: str) -> list:
+    """The file each of `formats` is written to for the output base name `name`."""
     return [os.path.join(output_dir, f"{name}.{fmt}") for fmt in formats]
 
 
