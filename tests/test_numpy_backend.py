@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from whisper_mlx import runtime
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.backends import select_backend
 from whisper_mlx.backends.mlx_backend import MLXBackend
@@ -197,41 +198,27 @@ def test_auto_selection_and_models_the_numpy_backend_refuses(small_model, monkey
         select_backend(small_model)
 
 
-def test_background_encoder_gives_the_encoders_bits(tiny_en, data_dir):
-    encoder = host_encoder_for(tiny_en)
-    audio = load_audio(str(data_dir / "jfk.flac"))
-    mels = {
-        (0, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio))),
-        (100, 3000): np.asarray(log_mel_spectrogram(pad_or_trim(audio[16000:]))),
-    }
-    background = schedule.BackgroundEncoder(encoder, mels)
-    for key, mel in mels.items():
-        np.testing.assert_array_equal(background.result(key), encoder(mel[None])[0])
-    assert background.withdraw([(0, 3000), (5, 3000)]) == [(5, 3000)]  # done or unknown: never the caller's
-    background.close()
+@pytest.fixture(params=["blas", "numpy"])
+def products_from(request, monkeypatch):
+    """Each product library the CPU may be given: the preloaded BLAS's (MKL on Intel) and numpy's."""
+    monkeypatch.setenv("WHISPER_MLX_PRODUCTS", request.param)
+    return request.param
 
 
-def test_background_encoder_leaves_windows_it_has_not_started_to_the_caller(small_model):
-    encoder = host_encoder_for(small_model)
-    mels = {i: np.zeros((3000, 80), np.float32) for i in range(4)}
-    background = schedule.BackgroundEncoder(encoder, mels)
-    mine = background.withdraw([3, 2, 1])
-    theirs = [key for key in (0, 1, 2, 3) if key not in mine]
-    assert 0 in theirs and set(mine) <= {1, 2, 3}
-    for key in theirs:
-        assert background.result(key).shape == (1500, 64)
-    background.close()
-    closed = schedule.BackgroundEncoder(encoder, mels)
-    closed.close()  # what it had not started is cancelled: nobody waits for it forever
-    assert all(closed._results[key].cancelled() or closed._results[key].done() for key in mels)
-    broken = schedule.BackgroundEncoder(encoder, {0: np.zeros((10, 80), np.float32)})
-    with pytest.raises(ValueError, match="incorrect audio shape"):  # the thread's error reaches the caller
-        broken.result(0)
-    broken.close()
+def test_the_product_library_follows_the_cpu_vendor(monkeypatch):
+    monkeypatch.delenv("WHISPER_MLX_PRODUCTS", raising=False)
+    lib = host_blas._blas()
+    for vendor, mkl_chosen in [("GenuineIntel", True), ("AuthenticAMD", False), ("", True)]:
+        monkeypatch.setattr(runtime, "cpu_vendor", lambda vendor=vendor: vendor)
+        mkl = lib is not None and hasattr(lib, "MKL_Set_Num_Threads_Local")
+        expected = lib if (mkl_chosen or not mkl) else None
+        assert host_blas.products_library() is expected
+    monkeypatch.setenv("WHISPER_MLX_PRODUCTS", "numpy")
+    assert host_blas.products_library() is None
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 300])
-def test_blas_matmul_equals_numpy(rows):
+def test_blas_matmul_equals_numpy(rows, products_from):
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 96), dtype=np.float32)
     weight = rng.standard_normal((130, 96), dtype=np.float32)
@@ -280,12 +267,19 @@ def test_cpu_kernel_workers_hold_mkl_to_one_thread():
     assert seen == [1] * 8
 
 
-needs_packing = pytest.mark.skipif(not host_blas.PackedOperand.available(), reason="needs MKL's packed products")
+needs_packing = pytest.mark.skipif(
+    not hasattr(host_blas._blas(), "cblas_sgemm_pack"), reason="needs MKL's packed products"
+)
+
+
+@pytest.fixture
+def mkl_products(monkeypatch):
+    monkeypatch.setenv("WHISPER_MLX_PRODUCTS", "blas")  # MKL's products on any CPU
 
 
 @needs_packing
 @pytest.mark.parametrize("rows", [1, 2, 6, 13])
-def test_packed_operand_equals_the_plain_product(rows):
+def test_packed_operand_equals_the_plain_product(rows, mkl_products):
     rng = np.random.default_rng(rows)
     b = rng.standard_normal((96, 1000), dtype=np.float32)
     x = rng.standard_normal((rows, 96), dtype=np.float32)
@@ -302,7 +296,7 @@ def test_packed_operand_equals_the_plain_product(rows):
 
 
 @needs_packing
-def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch):
+def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, mkl_products):
     host = host_decoder_for(tiny_en)
     hidden = np.random.default_rng(0).standard_normal((4, 384), dtype=np.float32)
     plain = host_blas.matmul(hidden, host.embedding_t)

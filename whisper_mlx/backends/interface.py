@@ -9,8 +9,7 @@ Arrays that stay on the backend (encoder outputs, logits, per-row flags) are of 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,21 +31,6 @@ class DecoderState(Protocol):
         keys/values after the prompt become that row's (beams reordered after a step)."""
 
 
-class AheadEncoder(Protocol):
-    """Windows being encoded in the background while the caller decodes."""
-
-    def withdraw(self, keys: list) -> list:
-        """The keys among `keys` not started yet: the caller encodes those itself."""
-
-    def result(self, key: Hashable) -> Any:
-        """The encoder output (n_audio_ctx, n_state) of a started window, once done."""
-
-    def sharing_cores(self) -> AbstractContextManager:
-        """A context for the caller's decoding while the background encoder runs."""
-
-    def close(self) -> None: ...
-
-
 class Backend(Protocol):
     name: str  # "mlx" or "numpy"
 
@@ -57,9 +41,6 @@ class Backend(Protocol):
     def encode(self, mels: Any) -> Any:
         """Encoder outputs (B, n_audio_ctx, n_state) of log-mel windows (B, n_frames, n_mels), numpy or
         mlx, evaluated."""
-
-    def encode_ahead(self, mels: dict) -> AheadEncoder | None:
-        """Start encoding keyed windows beside the caller's decoding, or None where that does not pay."""
 
     def stack(self, features: list) -> Any:
         """Encoder outputs of single windows (n_audio_ctx, n_state) stacked into a batch."""

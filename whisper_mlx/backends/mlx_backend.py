@@ -25,9 +25,6 @@ class MLXBackend:
         mx.eval(features)
         return features
 
-    def encode_ahead(self, mels: dict) -> None:
-        return None  # the device queue already overlaps the host's work
-
     def stack(self, features: list) -> mx.array:
         return mx.stack(features)
 

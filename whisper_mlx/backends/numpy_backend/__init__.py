@@ -16,7 +16,6 @@ from ...runtime import on_cpu
 from ...whisper import Whisper
 from ..mlx_backend import MLXBackend
 from .model import HostDecoder, HostDecoderState, HostEncoder, parameter_arrays
-from .schedule import BackgroundEncoder, worker_count
 
 
 def unsupported_reason(model: Whisper) -> str | None:
@@ -70,11 +69,6 @@ class NumpyBackend:
         if mels.shape[0] == 1:
             return self.encoder(mels)
         return self.encoder.encode_windows(mels)
-
-    def encode_ahead(self, mels: dict) -> BackgroundEncoder | None:
-        if worker_count() < 2 or not mels:
-            return None
-        return BackgroundEncoder(self.encoder, mels)
 
     def stack(self, features: list) -> np.ndarray:
         return np.stack(features)

@@ -3,8 +3,10 @@ runtime.py preloaded for MLX.
 
 numpy's wheels bring their own OpenBLAS, whose kernels for a few rows (a decoding step's products and
 logits) are slow. The host decoder's products therefore call the preloaded library's cblas_sgemm
-directly (ctypes). Without a preloaded BLAS (or for other dtypes and layouts) the same functions fall
-back to numpy. With MKL, the logits of several rows read a packed copy of the embedding (PackedOperand).
+directly (ctypes), on Intel CPUs: MKL picks slower kernels on other vendors' CPUs, where numpy's OpenBLAS
+is the faster library for every product of this model (products_library()). Without a preloaded BLAS
+(or for other dtypes and layouts) the same functions fall back to numpy. With MKL, the logits of several
+rows read a packed copy of the embedding (PackedOperand).
 
 MKL's vector math library also has the normal CDF, Φ, for the exact GELU x Φ(x): one SIMD pass instead
 of the ~20 numpy passes of kernels.py's erf approximation; and exp, for the attention's softmax, faster
@@ -14,6 +16,7 @@ and more accurate than numpy's.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 
@@ -35,6 +38,18 @@ def _blas():
                 lib = None
         _library.append(lib)
     return _library[0]
+
+
+def products_library():
+    """The preloaded library when its products are the ones to call, else None (numpy's): MKL only on
+    Intel CPUs (or off x86); WHISPER_MLX_PRODUCTS=blas|numpy overrides the choice."""
+    lib = _blas()
+    setting = os.environ.get("WHISPER_MLX_PRODUCTS", "").strip().lower()
+    if lib is None or setting == "numpy":
+        return None
+    if setting == "blas" or not hasattr(lib, "MKL_Set_Num_Threads_Local"):
+        return lib
+    return lib if runtime.cpu_vendor() in ("GenuineIntel", "") else None
 
 
 def _declare(lib) -> None:
@@ -126,7 +141,7 @@ def _operand(b: np.ndarray) -> tuple[np.ndarray, int, int] | None:
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """a @ b for a 2-D float32 a (rows, k) and b (k, n), b possibly a transposed view (nn.Linear's
     weight.T is read in place); written into `out` (rows, n) when given."""
-    lib = _blas()
+    lib = products_library()
     # one row: numpy's OpenBLAS gemv is as fast as MKL (and has less call overhead)
     blas_shapes = a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0] and a.shape[0] > 1
     operand = _operand(b) if lib is not None and blas_shapes else None
@@ -188,7 +203,7 @@ class PackedOperand:
 
     @classmethod
     def available(cls) -> bool:
-        lib = _blas()
+        lib = products_library()
         return lib is not None and hasattr(lib, "cblas_sgemm_pack")
 
     def matmul(self, a: np.ndarray) -> np.ndarray:

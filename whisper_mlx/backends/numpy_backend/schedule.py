@@ -1,5 +1,5 @@
-"""Threads for the numpy backend: a worker pool for the kernels' blocks, one BLAS thread per worker,
-and a background encoder that encodes windows on one core while the calling thread decodes.
+"""Threads for the numpy backend: a worker pool for the kernels' blocks, one BLAS thread per worker;
+whole tasks (encoder windows) on one worker each.
 
 numpy releases the GIL inside its kernels and the BLAS, so blocks of a window run in parallel on the
 workers; each calls a single-threaded BLAS so that the threads do not oversubscribe the cores. Only numpy
@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
-
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
 
 from . import blas
 
@@ -64,8 +61,7 @@ _this_thread = threading.local()
 
 @contextlib.contextmanager
 def blocks_on_this_thread():
-    """Within it, this thread's run_blocks runs its blocks itself (a background encoder on one core,
-    beside the thread that decodes)."""
+    """Within it, this thread's run_blocks runs its blocks itself (a whole task on one worker)."""
     _this_thread.inline = True
     try:
         yield
@@ -105,73 +101,3 @@ def run_whole(tasks: list) -> list:
     with one_blas_thread():
         futures = [workers().submit(whole, task) for task in tasks]
         return [future.result() for future in futures]
-
-
-class BackgroundEncoder:
-    """Encodes windows with the numpy encoder on a background thread, on one core, one window at a
-    time, while the calling thread decodes one row on the other core. transcribe used it beside the
-    opening window decoded alone; since lanes start with lead-ins no window is decoded alone, and
-    transcribe no longer calls it (docs/experiments.md).
-
-    The outputs are the same bits as the encoder's on the calling thread (test): which thread encoded
-    a window never changes a transcript."""
-
-    def __init__(self, encoder: Callable[[np.ndarray], np.ndarray], mels: dict):
-        self._encoder = encoder
-        self._mels = dict(mels)  # window key -> (frames, n_mels) float32, read before the thread starts
-        self._waiting = list(mels)  # not started yet, in order
-        self._results: dict[Hashable, Future[np.ndarray]] = {key: Future() for key in mels}
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="whisper-mlx-encode-ahead", daemon=True)
-        self._thread.start()
-
-    def _next(self) -> tuple[Future, np.ndarray] | None:
-        """The next window's future and mel, taken under the lock (the caller may withdraw the rest)."""
-        with self._lock:
-            if not self._waiting:
-                return None
-            key = self._waiting.pop(0)
-            return self._results[key], self._mels.pop(key)
-
-    def _run(self) -> None:
-        try:
-            blas.use_one_thread_here()
-            with blocks_on_this_thread():
-                while (work := self._next()) is not None:
-                    future, mel = work
-                    future.set_result(self._encoder(mel[None])[0])
-        except BaseException as error:  # handed to whoever waits in result(): nothing waits forever
-            with self._lock:
-                self._waiting.clear()
-                for future in self._results.values():
-                    if not future.done():
-                        future.set_exception(error)
-
-    def withdraw(self, keys: list) -> list:
-        """The keys among `keys` that this encoder has not started (or never had): the caller encodes
-        them; the others come from result()."""
-        with self._lock:
-            taken = [key for key in keys if key in self._waiting or key not in self._results]
-            self._waiting = [key for key in self._waiting if key not in taken]
-            for key in taken:
-                self._results.pop(key, None)
-                self._mels.pop(key, None)
-        return taken
-
-    def result(self, key) -> np.ndarray:
-        """The (n_audio_ctx, n_state) encoder output of a window it started, once it is done."""
-        with self._lock:
-            future = self._results[key]
-        return future.result()
-
-    def sharing_cores(self):
-        """The caller's decoding beside this encoder keeps the BLAS libraries to one thread."""
-        return one_blas_thread()
-
-    def close(self) -> None:
-        """Start nothing more (what was not started is cancelled) and wait for the window in progress."""
-        with self._lock:
-            for key in self._waiting:
-                self._results[key].cancel()
-            self._waiting.clear()
-        self._thread.join()
