@@ -99,6 +99,8 @@ def _sources(entry: dict) -> list[str]:
     """The listed files a generated entry is made from."""
     if "concatenate" in entry:
         return list(entry["concatenate"])
+    if "excerpt" in entry:
+        return [entry["excerpt"]]
     return [entry["mix"], *([entry["babble_from"]] if "babble_from" in entry else [])]
 
 
@@ -117,21 +119,28 @@ def _noisy(entry: dict, parts: dict[str, AudioFile]) -> np.ndarray:
 
 
 def _generate(entry: dict, parts: dict[str, AudioFile], cache_dir: Path) -> AudioFile:
-    """Concatenate decoded parts, or mix one with noise, into a FLAC under the cache (once; a noisy file's
-    name carries a digest of its recipe), then treat it like any file."""
+    """Concatenate decoded parts, cut an excerpt of one, or mix one with noise, into a FLAC under the
+    cache (once; a noisy file's name carries a digest of its recipe), then treat it like any file."""
     digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:8]
     recipe = "" if "concatenate" in entry else f"-{digest}"
     audio = cache_dir / "audio" / f"{entry['name']}{recipe}.flac"
     if not audio.exists():
         if "concatenate" in entry:
             write_flac(np.concatenate([np.load(parts[name].samples) for name in entry["concatenate"]]), audio)
+        elif "excerpt" in entry:
+            start, end = (round(t * SAMPLE_RATE) for t in entry["seconds"])
+            write_flac(np.load(parts[entry["excerpt"]].samples)[start:end], audio)
         else:
             write_flac(_noisy(entry, parts), audio)
     sha = sha256_file(audio)
     samples = _cached_samples(audio, sha, cache_dir)
     seconds = len(np.load(samples, mmap_mode="r")) / SAMPLE_RATE
-    spoken = entry.get("concatenate", [entry.get("mix")])
-    reference = " ".join(parts[name].reference for name in spoken)
+    if "excerpt" in entry:  # the reference's words spoken between the excerpt's cuts
+        first, last = entry["words"]
+        reference = " ".join(parts[entry["excerpt"]].reference.split()[first:last])
+    else:
+        spoken = entry.get("concatenate", [entry.get("mix")])
+        reference = " ".join(parts[name].reference for name in spoken)
     return AudioFile(entry["name"], audio, reference, entry.get("language", "en"), sha, seconds, samples)
 
 

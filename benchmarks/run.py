@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("jiwer") is None:
         raise SystemExit("the benchmark needs jiwer (and matplotlib for the chart): pip install -e '.[bench]'")
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("WHISPER_MLX_BACKEND"):  # the backend the whisper_mlx rows ran on is part of the command
+        command = f"WHISPER_MLX_BACKEND={shlex.quote(os.environ['WHISPER_MLX_BACKEND'])} {command}"
     systems = select_systems(args.systems)
     info = machine_info()
     print(

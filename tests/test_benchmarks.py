@@ -362,3 +362,18 @@ def test_full_run_updates_only_the_benchmarks_readme(monkeypatch, tmp_path):
     monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: object())
     run.main(["--files", "jfk", "--readme", "yes", "--systems", "whisper_mlx"])
     assert updated == [run.BENCH_DIR / "README.md"]  # never the top-level README (it has no table)
+
+
+def test_an_excerpt_holds_its_seconds_and_reference_words(tmp_path):
+    import numpy as np
+
+    from benchmarks.corpus import load_corpus
+
+    (whole, excerpt) = load_corpus(["alice_ch1", "alice_ch1_60s"], cache_dir=tmp_path)
+    samples, cut = np.load(whole.samples), np.load(excerpt.samples)
+    assert excerpt.seconds == pytest.approx(67.57 - 6.85, abs=1e-3)
+    start = round(6.85 * 16000)
+    np.testing.assert_allclose(cut, samples[start : start + len(cut)], atol=1 / 32768)  # 16-bit FLAC
+    words = excerpt.reference.split()
+    assert words[:3] == ["Once", "or", "twice"] and words[-2:] == ["large", "rabbit-hole,"]
+    assert excerpt.reference in whole.reference

@@ -9,7 +9,6 @@ module must not import mlx at import time.
 from __future__ import annotations
 
 import ctypes
-import functools
 import glob
 import logging
 import os
@@ -88,19 +87,6 @@ def preload_blas() -> None:
 def preloaded_blas_path() -> str | None:
     """The optimized BLAS loaded for MLX (the numpy backend calls it directly too), or None."""
     return _state["blas_path"]
-
-
-@functools.cache
-def cpu_vendor() -> str:
-    """The x86 CPU's vendor string (GenuineIntel, AuthenticAMD), or "" elsewhere or when unknown."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def on_cpu() -> bool:

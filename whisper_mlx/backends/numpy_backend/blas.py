@@ -3,10 +3,9 @@ runtime.py preloaded for MLX.
 
 numpy's wheels bring their own OpenBLAS, whose kernels for a few rows (a decoding step's products and
 logits) are slow. The host decoder's products therefore call the preloaded library's cblas_sgemm
-directly (ctypes), on Intel CPUs: MKL picks slower kernels on other vendors' CPUs, where numpy's OpenBLAS
-is the faster library for every product of this model (products_library()). Without a preloaded BLAS
-(or for other dtypes and layouts) the same functions fall back to numpy. With MKL, the logits of several
-rows read a packed copy of the embedding (PackedOperand).
+directly (ctypes); WHISPER_MLX_PRODUCTS=numpy sends them to numpy instead (products_library()).
+Without a preloaded BLAS (or for other dtypes and layouts) the same functions fall back to numpy. With
+MKL, the logits of several rows read a packed copy of the embedding (PackedOperand).
 
 MKL's vector math library also has the normal CDF, Φ, for the exact GELU x Φ(x): one SIMD pass instead
 of the ~20 numpy passes of kernels.py's erf approximation; and exp, for the attention's softmax, faster
@@ -41,15 +40,13 @@ def _blas():
 
 
 def products_library():
-    """The preloaded library when its products are the ones to call, else None (numpy's): MKL only on
-    Intel CPUs (or off x86); WHISPER_MLX_PRODUCTS=blas|numpy overrides the choice."""
-    lib = _blas()
-    setting = os.environ.get("WHISPER_MLX_PRODUCTS", "").strip().lower()
-    if lib is None or setting == "numpy":
+    """The preloaded library whose products to call, or None for numpy's (WHISPER_MLX_PRODUCTS=numpy).
+    numpy's OpenBLAS is faster per product on AMD's Zen 2, but its threads spin after each call on the
+    cores the loader and encoder threads need, and MKL's threads stay on the calling thread
+    (docs/experiments.md)."""
+    if os.environ.get("WHISPER_MLX_PRODUCTS", "").strip().lower() == "numpy":
         return None
-    if setting == "blas" or not hasattr(lib, "MKL_Set_Num_Threads_Local"):
-        return lib
-    return lib if runtime.cpu_vendor() in ("GenuineIntel", "") else None
+    return _blas()
 
 
 def _declare(lib) -> None:
