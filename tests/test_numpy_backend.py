@@ -1,6 +1,7 @@
 """The numpy backend's model against the MLX model, its threads, its selection, and the direct BLAS calls
 against numpy."""
 
+import itertools
 import threading
 
 import mlx.core as mx
@@ -14,6 +15,7 @@ from whisper_mlx.backends import select_backend
 from whisper_mlx.backends.mlx_backend import MLXBackend
 from whisper_mlx.backends.numpy_backend import NumpyBackend, schedule
 from whisper_mlx.backends.numpy_backend import blas as host_blas
+from whisper_mlx.backends.numpy_backend import model as host_model
 from whisper_mlx.backends.numpy_backend.model import HostEncoder
 from whisper_mlx.decoding import DecodingOptions, DecodingTask
 from whisper_mlx.errors import BackendError
@@ -290,15 +292,31 @@ def test_packed_operand_equals_the_plain_product(rows, mkl_products):
 
 
 @needs_packing
-def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, mkl_products):
+@pytest.mark.parametrize("rows", [4, host_model.LOGITS_SPLIT_MAX_ROWS + 3])  # blocks on the workers / in turn
+def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, mkl_products, rows):
     host = host_decoder_for(tiny_en)
-    hidden = np.random.default_rng(0).standard_normal((4, 384), dtype=np.float32)
+    hidden = np.random.default_rng(0).standard_normal((rows, 384), dtype=np.float32)
     plain = host_blas.matmul(hidden, host.embedding_t)
     np.testing.assert_array_equal(host.logits(hidden), plain)
-    assert host._packed_embedding is not None  # made on first use with several rows
+    blocks = host.packed_blocks()  # made on first use with several rows, one per worker, covering the vocabulary
+    assert len(blocks) == schedule.worker_count() and blocks[0][0].start == 0
+    assert all(a[0].stop == b[0].start for a, b in itertools.pairwise(blocks)) and blocks[-1][0].stop == 51864
     np.testing.assert_array_equal(host.logits(hidden[:1]), host_blas.matmul(hidden[:1], host.embedding_t))
     monkeypatch.setattr(host_blas.PackedOperand, "available", classmethod(lambda cls: False))  # e.g. OpenBLAS
     np.testing.assert_array_equal(host.logits(hidden), plain)
+
+
+@needs_packing
+def test_a_packed_product_writes_into_a_block_of_columns(mkl_products):
+    rng = np.random.default_rng(5)
+    b = rng.standard_normal((96, 300), dtype=np.float32)
+    x = rng.standard_normal((6, 96), dtype=np.float32)
+    out = np.full((6, 1000), np.nan, np.float32)
+    host_blas.PackedOperand(b).matmul(x, out[:, 200:500])
+    np.testing.assert_array_equal(out[:, 200:500], host_blas.matmul(x, b))
+    assert np.isnan(out[:, :200]).all() and np.isnan(out[:, 500:]).all()  # nothing written beside the block
+    with pytest.raises(ValueError, match="cannot write"):
+        host_blas.PackedOperand(b).matmul(x, out[:, :299])
 
 
 def test_windows_encoded_whole_per_thread_give_the_encoders_bits(small_model, monkeypatch):

@@ -203,12 +203,16 @@ class PackedOperand:
         lib = products_library()
         return lib is not None and hasattr(lib, "cblas_sgemm_pack")
 
-    def matmul(self, a: np.ndarray) -> np.ndarray:
-        """a @ b for a (rows, k) float32 matrix."""
+    def matmul(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """a @ b for a (rows, k) float32 matrix, written into `out` (rows, width) when given: any
+        float32 matrix with unit column stride, such as a block of columns of a wider one."""
         a = np.ascontiguousarray(a, dtype=np.float32)
         if a.ndim != 2 or a.shape[1] != self.inner:
             raise ValueError(f"cannot multiply {a.shape} by the packed ({self.inner}, {self.width})")
-        out = np.empty((a.shape[0], self.width), np.float32)
+        if out is None:
+            out = np.empty((a.shape[0], self.width), np.float32)
+        elif out.shape != (a.shape[0], self.width) or not _row_major(out):
+            raise ValueError(f"cannot write a ({a.shape[0]}, {self.width}) product into {out.shape}")
         if a.shape[0]:
             _blas().cblas_sgemm_compute(
                 _ROW_MAJOR,
@@ -223,6 +227,6 @@ class PackedOperand:
                 self.width,
                 0.0,
                 out.ctypes.data,
-                self.width,
+                out.strides[0] // 4,
             )
         return out

@@ -12,6 +12,7 @@ The weights are views of an MLX model's float32 parameters; MLX itself computes 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 from typing import cast, overload
@@ -23,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from ...whisper import decoder_mask, merge_heads, split_heads  # written to serve numpy arrays as well
 from . import blas, kernels
-from .schedule import run_whole, worker_count
+from .schedule import run_blocks, run_whole, worker_count
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -263,6 +264,8 @@ class HostEncoder:
 
 
 PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see blas.PackedOperand)
+# below it MKL computes a product on one thread: the embedding's column blocks go to the workers instead
+LOGITS_SPLIT_MAX_ROWS = 32
 
 
 class HostDecoder:
@@ -276,7 +279,7 @@ class HostDecoder:
         self.ln = HostNorm.of(decoder.ln)
         # (n_state, n_vocab), contiguous: the layout the BLAS streams fastest for a few rows
         self.embedding_t = np.ascontiguousarray(self.token_embedding.T)
-        self._packed_embedding: blas.PackedOperand | None = None
+        self._packed_blocks: list[tuple[slice, blas.PackedOperand]] | None = None
 
     def new_state(
         self, audio_features: np.ndarray, pad: np.ndarray, max_len: int, rows_per_window: int = 1
@@ -310,14 +313,31 @@ class HostDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
-        80 MB). One row: blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy
-        of the embedding, made on first use (greedy sequential decoding never needs it)."""
+        80 MB). One row: blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy of
+        the embedding, made on first use (greedy sequential decoding never needs it), in one block of
+        vocabulary columns per worker: below LOGITS_SPLIT_MAX_ROWS rows each worker computes one, else
+        MKL's threads compute each in turn. Every column is the same product either way (test)."""
         hidden = np.ascontiguousarray(hidden)
-        if hidden.shape[0] >= PACKED_MIN_ROWS and blas.PackedOperand.available():
-            if self._packed_embedding is None:
-                self._packed_embedding = blas.PackedOperand(self.embedding_t)
-            return self._packed_embedding.matmul(hidden)
-        return blas.matmul(hidden, self.embedding_t)
+        if hidden.shape[0] < PACKED_MIN_ROWS or not blas.PackedOperand.available():
+            return blas.matmul(hidden, self.embedding_t)
+        out = np.empty((hidden.shape[0], self.embedding_t.shape[1]), np.float32)
+        tasks = [partial(packed.matmul, hidden, out[:, columns]) for columns, packed in self.packed_blocks()]
+        if hidden.shape[0] < LOGITS_SPLIT_MAX_ROWS:
+            run_blocks(tasks)
+        else:
+            for task in tasks:
+                task()
+        return out
+
+    def packed_blocks(self) -> list[tuple[slice, blas.PackedOperand]]:
+        """The embedding's vocabulary columns in one packed block per worker thread, made once."""
+        if self._packed_blocks is None:
+            bounds = np.linspace(0, self.embedding_t.shape[1], worker_count() + 1).astype(int)
+            self._packed_blocks = [
+                (slice(lo, hi), blas.PackedOperand(np.ascontiguousarray(self.embedding_t[:, lo:hi])))
+                for lo, hi in itertools.pairwise(bounds)
+            ]
+        return self._packed_blocks
 
 
 class HostDecoderState:
