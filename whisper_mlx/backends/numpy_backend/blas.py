@@ -39,14 +39,16 @@ def _blas():
     return _library[0]
 
 
+# read once: products_library() is called for every product of every decoding step
+_NUMPY_PRODUCTS = os.environ.get("WHISPER_MLX_PRODUCTS", "").strip().lower() == "numpy"
+
+
 def products_library():
-    """The preloaded library whose products to call, or None for numpy's (WHISPER_MLX_PRODUCTS=numpy).
-    numpy's OpenBLAS is faster per product on AMD's Zen 2, but its threads spin after each call on the
-    cores the loader and encoder threads need, and MKL's threads stay on the calling thread
+    """The preloaded library whose products to call, or None for numpy's (WHISPER_MLX_PRODUCTS=numpy at
+    import). numpy's OpenBLAS is faster per product on AMD's Zen 2, but its threads spin after each call
+    on the cores the loader and encoder threads need, and MKL's threads stay on the calling thread
     (docs/experiments.md)."""
-    if os.environ.get("WHISPER_MLX_PRODUCTS", "").strip().lower() == "numpy":
-        return None
-    return _blas()
+    return None if _NUMPY_PRODUCTS else _blas()
 
 
 def _declare(lib) -> None:
