@@ -2,7 +2,8 @@
 runtime.py preloaded for MLX.
 
 numpy's wheels bring their own OpenBLAS, whose kernels for a few rows (a decoding step's products and
-logits) are slow. The host decoder's products therefore call the preloaded library's cblas_sgemm
+logits) are slow on Intel CPUs (on AMD's Zen 2 they are faster, but see products_library). The host
+decoder's products therefore call the preloaded library's cblas_sgemm
 directly (ctypes); WHISPER_MLX_PRODUCTS=numpy sends them to numpy instead (products_library()).
 Without a preloaded BLAS (or for other dtypes and layouts) the same functions fall back to numpy. With
 MKL, the logits of several rows read a packed copy of the embedding (PackedOperand).
