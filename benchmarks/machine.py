@@ -29,6 +29,35 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_detail(path: str = "/proc/cpuinfo") -> str | None:
+    """Family, model and widest vector unit from /proc/cpuinfo (Linux x86): virtual machines often name
+    their CPU only "AMD EPYC", which covers generations with and without AVX-512."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path) as info:
+            for line in info:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    if "cpu family" not in fields:
+        return None
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for flag, name in _VECTOR_UNITS if flag in flags), "SSE")
+    return f"family {fields['cpu family']} model {fields.get('model', '?')}, {vector}"
+
+
+_VECTOR_UNITS = (("amx_tile", "AVX-512 + AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+
+
+def cpu_description() -> str:
+    """The CPU's name with its family, model and vector unit where known."""
+    detail = cpu_detail()
+    return f"{cpu_model()} ({detail})" if detail else cpu_model()
+
+
 def machine_slug() -> str:
     """Short file-name-safe name of this machine, e.g. ``linux-x86_64-2cpu-intel-xeon-platinum-8481c``."""
     model = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor|\d+-core", "", cpu_model().lower())
@@ -60,7 +89,7 @@ def machine_info() -> dict:
     uname = platform.uname()
     return {
         "slug": machine_slug(),
-        "cpu": cpu_model(),
+        "cpu": cpu_description(),
         "cores": os.cpu_count(),
         "arch": uname.machine,
         "os": f"{uname.system} {uname.release}",

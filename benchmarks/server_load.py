@@ -32,7 +32,7 @@ import openai
 
 from whisper_mlx.audio import SAMPLE_RATE, load_audio
 
-from .machine import cpu_model, machine_slug
+from .machine import cpu_description, machine_slug
 
 ROOT = Path(__file__).resolve().parent
 SOURCE = ROOT.parent / "tests" / "data" / "alice_ch1.flac"
@@ -149,7 +149,7 @@ def report(args: argparse.Namespace, numbers: dict, audio_seconds: float) -> str
     lines = [
         f"# Server load: {args.clients} clients at once vs one after another",
         "",
-        f"- machine: {cpu_model()} ({machine_slug()}), shared with other work while it ran",
+        f"- machine: {cpu_description()} ({machine_slug()}), shared with other work while it ran",
         f"- command: `python -m benchmarks.server_load --clients {args.clients} --shortest {args.shortest:g} "
         f"--longest {args.longest:g} --rounds {args.rounds} --batch-size {args.batch_size}`",
         f"- server: `whisper_mlx serve --batch-size {args.batch_size}` (tiny.en) in its own process; clients:"

@@ -377,3 +377,19 @@ def test_an_excerpt_holds_its_seconds_and_reference_words(tmp_path):
     words = excerpt.reference.split()
     assert words[:3] == ["Once", "or", "twice"] and words[-2:] == ["large", "rabbit-hole,"]
     assert excerpt.reference in whole.reference
+
+
+def test_machine_names_the_cpu_generation(tmp_path):
+    """A VM's bare "AMD EPYC" covers CPUs with and without AVX-512: the report names family, model and
+    vector unit from the first processor's block."""
+    from benchmarks import machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "flags\t\t: fpu sse avx avx2 avx512f\n\nprocessor\t: 1\ncpu family\t: 99\n"
+    )
+    assert machine.cpu_detail(str(info)) == "family 25 model 17, AVX-512"
+    info.write_text("processor\t: 0\ncpu family\t: 23\nmodel\t\t: 49\nflags\t\t: fpu avx avx2\n")
+    assert machine.cpu_detail(str(info)) == "family 23 model 49, AVX2"
+    assert machine.cpu_detail(str(tmp_path / "missing")) is None

@@ -296,10 +296,9 @@ def test_packed_operand_equals_the_plain_product(rows, mkl_products):
 
 
 @needs_packing
-@pytest.mark.parametrize("rows", [4, host_model.LOGITS_SPLIT_MAX_ROWS + 3])  # blocks on the workers / in turn
-def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, mkl_products, rows):
+def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, mkl_products):
     host = host_decoder_for(tiny_en)
-    hidden = np.random.default_rng(0).standard_normal((rows, 384), dtype=np.float32)
+    hidden = np.random.default_rng(0).standard_normal((4, 384), dtype=np.float32)
     plain = host_blas.matmul(hidden, host.embedding_t)
     np.testing.assert_array_equal(host.logits(hidden), plain)
     blocks = host.packed_blocks()  # made on first use with several rows, one per worker, covering the vocabulary
@@ -308,6 +307,15 @@ def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, 
     np.testing.assert_array_equal(host.logits(hidden[:1]), host_blas.matmul(hidden[:1], host.embedding_t))
     monkeypatch.setattr(host_blas.PackedOperand, "available", classmethod(lambda cls: False))  # e.g. OpenBLAS
     np.testing.assert_array_equal(host.logits(hidden), plain)
+
+
+@pytest.mark.parametrize("rows", [host_model.OPENBLAS_LOGITS_MIN_ROWS, 60])
+def test_logits_of_many_rows_are_numpys_product_in_column_blocks(tiny_en, products_from, rows):
+    """Beams' logits: each worker's block of vocabulary columns is numpy's product, the same bits as
+    numpy's one product of all columns, whichever library serves the other products."""
+    host = host_decoder_for(tiny_en)
+    hidden = np.random.default_rng(rows).standard_normal((rows, 384), dtype=np.float32)
+    np.testing.assert_array_equal(host.logits(hidden), hidden @ host.embedding_t)
 
 
 @needs_packing

@@ -264,8 +264,8 @@ class HostEncoder:
 
 
 PACKED_MIN_ROWS = 2  # rows from which the logits read the packed embedding (see blas.PackedOperand)
-# below it MKL computes a product on one thread: the embedding's column blocks go to the workers instead
-LOGITS_SPLIT_MAX_ROWS = 32
+# from this many rows (beams) the product is compute-bound: numpy's OpenBLAS beat MKL's packed copy (experiments.md)
+OPENBLAS_LOGITS_MIN_ROWS = 24
 
 
 class HostDecoder:
@@ -313,29 +313,35 @@ class HostDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
-        80 MB). One row: blas.matmul (numpy's gemv); from PACKED_MIN_ROWS rows, MKL's packed copy of
-        the embedding, made on first use (greedy sequential decoding never needs it), in one block of
-        vocabulary columns per worker: below LOGITS_SPLIT_MAX_ROWS rows each worker computes one, else
-        MKL's threads compute each in turn. Every column is the same product either way (test)."""
+        80 MB). One row: blas.matmul (numpy's gemv). From PACKED_MIN_ROWS rows, one block of vocabulary
+        columns per worker (a single BLAS call computes such a skinny product on one thread): MKL's
+        packed copy of the block, made on first use (greedy sequential decoding never needs it), or
+        from OPENBLAS_LOGITS_MIN_ROWS rows numpy's product of the plain block. A column is the same
+        bits as in the one product of all columns by the same library (test)."""
         hidden = np.ascontiguousarray(hidden)
-        if hidden.shape[0] < PACKED_MIN_ROWS or not blas.PackedOperand.available():
+        rows = hidden.shape[0]
+        plain = rows >= OPENBLAS_LOGITS_MIN_ROWS
+        if not plain and (rows < PACKED_MIN_ROWS or not blas.PackedOperand.available()):
             return blas.matmul(hidden, self.embedding_t)
-        out = np.empty((hidden.shape[0], self.embedding_t.shape[1]), np.float32)
-        tasks = [partial(packed.matmul, hidden, out[:, columns]) for columns, packed in self.packed_blocks()]
-        if hidden.shape[0] < LOGITS_SPLIT_MAX_ROWS:
-            run_blocks(tasks)
+        out = np.empty((rows, self.embedding_t.shape[1]), np.float32)
+        if plain:
+            tasks = [partial(np.matmul, hidden, self.embedding_t[:, c], out=out[:, c]) for c in self.column_blocks()]
         else:
-            for task in tasks:
-                task()
+            tasks = [partial(packed.matmul, hidden, out[:, c]) for c, packed in self.packed_blocks()]
+        run_blocks(tasks)
         return out
 
+    def column_blocks(self) -> list[slice]:
+        """The embedding's vocabulary columns in one block per worker thread."""
+        bounds = np.linspace(0, self.embedding_t.shape[1], worker_count() + 1).astype(int)
+        return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
     def packed_blocks(self) -> list[tuple[slice, blas.PackedOperand]]:
-        """The embedding's vocabulary columns in one packed block per worker thread, made once."""
+        """column_blocks, each with its packed copy, made once."""
         if self._packed_blocks is None:
-            bounds = np.linspace(0, self.embedding_t.shape[1], worker_count() + 1).astype(int)
             self._packed_blocks = [
-                (slice(lo, hi), blas.PackedOperand(np.ascontiguousarray(self.embedding_t[:, lo:hi])))
-                for lo, hi in itertools.pairwise(bounds)
+                (columns, blas.PackedOperand(np.ascontiguousarray(self.embedding_t[:, columns])))
+                for columns in self.column_blocks()
             ]
         return self._packed_blocks
 
