@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import cast, overload
 
 import mlx.core as mx
@@ -325,12 +325,13 @@ class HostDecoder:
             return blas.matmul(hidden, self.embedding_t)
         out = np.empty((rows, self.embedding_t.shape[1]), np.float32)
         if plain:
-            tasks = [partial(np.matmul, hidden, self.embedding_t[:, c], out=out[:, c]) for c in self.column_blocks()]
+            tasks = [partial(np.matmul, hidden, self.embedding_t[:, c], out=out[:, c]) for c in self.column_blocks]
         else:
             tasks = [partial(packed.matmul, hidden, out[:, c]) for c, packed in self.packed_blocks()]
         run_blocks(tasks)
         return out
 
+    @cached_property
     def column_blocks(self) -> list[slice]:
         """The embedding's vocabulary columns in one block per worker thread."""
         bounds = np.linspace(0, self.embedding_t.shape[1], worker_count() + 1).astype(int)
@@ -341,7 +342,7 @@ class HostDecoder:
         if self._packed_blocks is None:
             self._packed_blocks = [
                 (columns, blas.PackedOperand(np.ascontiguousarray(self.embedding_t[:, columns])))
-                for columns in self.column_blocks()
+                for columns in self.column_blocks
             ]
         return self._packed_blocks
 
