@@ -99,8 +99,8 @@ def _sources(entry: dict) -> list[str]:
     """The listed files a generated entry is made from."""
     if "concatenate" in entry:
         return list(entry["concatenate"])
-    if "excerpt" in entry:
-        return [entry["excerpt"]]
+    if "excerpt" in entry or "delay" in entry:
+        return [entry.get("excerpt") or entry["delay"]]
     return [entry["mix"], *([entry["babble_from"]] if "babble_from" in entry else [])]
 
 
@@ -119,7 +119,7 @@ def _noisy(entry: dict, parts: dict[str, AudioFile]) -> np.ndarray:
 
 
 def _generate(entry: dict, parts: dict[str, AudioFile], cache_dir: Path) -> AudioFile:
-    """Concatenate decoded parts, cut an excerpt of one, or mix one with noise, into a FLAC under the
+    """Concatenate decoded parts, cut an excerpt of one, delay one, or mix one with noise, into a FLAC under the
     cache (once; a noisy file's name carries a digest of its recipe), then treat it like any file."""
     digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:8]
     recipe = "" if "concatenate" in entry else f"-{digest}"
@@ -130,6 +130,9 @@ def _generate(entry: dict, parts: dict[str, AudioFile], cache_dir: Path) -> Audi
         elif "excerpt" in entry:
             start, end = (round(t * SAMPLE_RATE) for t in entry["seconds"])
             write_flac(np.load(parts[entry["excerpt"]].samples)[start:end], audio)
+        elif "delay" in entry:
+            silence = np.zeros(round(entry["silence_s"] * SAMPLE_RATE), np.float32)
+            write_flac(np.concatenate([silence, np.load(parts[entry["delay"]].samples)]), audio)
         else:
             write_flac(_noisy(entry, parts), audio)
     sha = sha256_file(audio)
@@ -139,7 +142,7 @@ def _generate(entry: dict, parts: dict[str, AudioFile], cache_dir: Path) -> Audi
         first, last = entry["words"]
         reference = " ".join(parts[entry["excerpt"]].reference.split()[first:last])
     else:
-        spoken = entry.get("concatenate", [entry.get("mix")])
+        spoken = entry.get("concatenate", [entry.get("mix") or entry.get("delay")])
         reference = " ".join(parts[name].reference for name in spoken)
     return AudioFile(entry["name"], audio, reference, entry.get("language", "en"), sha, seconds, samples)
 

@@ -379,6 +379,19 @@ def test_an_excerpt_holds_its_seconds_and_reference_words(tmp_path):
     assert excerpt.reference in whole.reference
 
 
+def test_a_delayed_file_is_its_source_after_silence(tmp_path):
+    """The *_lateNNms entries (WER under an inaudible shift): the same samples and words, later."""
+    import numpy as np
+
+    from benchmarks.corpus import load_corpus
+
+    (source, late) = load_corpus(["alice_ch2_gb", "alice_ch2_gb_late50ms"], cache_dir=tmp_path)
+    samples, delayed = np.load(source.samples), np.load(late.samples)
+    assert len(delayed) == len(samples) + 800 and not delayed[:800].any()
+    np.testing.assert_allclose(delayed[800:], samples, atol=1 / 32768)  # 16-bit FLAC
+    assert late.reference == source.reference and late.seconds == pytest.approx(source.seconds + 0.05)
+
+
 def test_machine_names_the_cpu_generation(tmp_path):
     """A VM's bare "AMD EPYC" covers CPUs with and without AVX-512: the report names family, model and
     vector unit from the first processor's block."""
