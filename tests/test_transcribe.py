@@ -240,38 +240,3 @@ def test_hallucination_silence_threshold_on_word_timestamps(tiny_en, data_dir):
         assert "".join(w["word"] for w in segment["words"]) == segment["text"]
     with pytest.raises(whisper_mlx.errors.DecodingError):
         transcribe(audio, model=tiny_en, hallucination_silence_threshold=2.0)  # needs word_timestamps
-
-
-@pytest.mark.parametrize(
-    ("batch_size", "vad_filter", "single_ending", "speech_after", "resumes"),
-    [
-        (12, False, True, True, True),  # batched: the VAD hears what the model left out
-        (1, True, True, True, True),  # sequential with vad_filter: the same
-        (12, False, True, False, False),  # silence after the timestamp: openai's skip
-        (12, False, False, True, False),  # the text ends unfinished: openai's seek already stops there
-        (1, False, True, True, False),  # plain sequential mode is openai's, whatever the audio
-    ],
-)
-def test_a_window_that_stops_before_speech_ends_is_not_skipped(
-    batch_size, vad_filter, single_ending, speech_after, resumes
-):
-    """A window decoded as "<|0.00|> words<|7.32|>" (a lone final timestamp) is taken by openai for
-    speech then silence, and the whole window is skipped. Where the VAD hears speech after the
-    timestamp, the next window starts at it instead."""
-    import sys
-    from types import SimpleNamespace
-
-    from whisper_mlx.segments import WindowSegments
-    from whisper_mlx.vad import SpeechMap
-
-    module = sys.modules["whisper_mlx.transcribe"]
-    speech = np.zeros(8000, bool)
-    speech[1000:1800] = True  # the words the window decoded, 10-18 s
-    speech[2000:3500] = speech_after  # 20-35 s: after the window's last timestamp (17.32 s)
-    options = module.TranscribeOptions(batch_size=batch_size, vad_filter=vad_filter)
-    ctx = SimpleNamespace(options=options, speech_map=lambda: SpeechMap(speech, np.zeros(8000)))
-    span = module.WindowSpan(1000, 3000)
-    window = WindowSegments([{"start": 10.0, "end": 17.32}], 3000 if single_ending else 732, single_ending)
-    openai_seek = span.seek + window.seek_delta
-    got = module.resume_before_skipped_speech(ctx, span, window, openai_seek)
-    assert got == (1732 if resumes else openai_seek)

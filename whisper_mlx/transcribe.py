@@ -32,7 +32,7 @@ from .audio import (
 from .backends import Backend, backend_for
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language, take_rows
 from .errors import DecodingError
-from .segments import WindowSegments, clear_empty_segments, split_window
+from .segments import clear_empty_segments, split_window
 from .silero import SileroStream
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 from .vad import VAD_METHODS, SpeechMap, clip_regions, energy_speech_map, plan_lanes, silero_speech_map
@@ -392,25 +392,6 @@ def apply_word_timing(
 # ------------------------------------------------------------------- sequential and batched
 
 
-# VAD speech after a window's lone final timestamp that makes its early end a loss, not silence (1 s)
-SKIPPED_SPEECH_FRAMES = 100
-
-
-def resume_before_skipped_speech(ctx: Context, span: WindowSpan, window: WindowSegments, seek: int) -> int:
-    """openai moves past a whole window whose text ends in a lone timestamp: the rest is taken for
-    silence. Where the VAD that cut the lanes (batched mode, or vad_filter) hears speech in that rest,
-    the model stopped early (tiny.en skipped 30 s of alice_ch1 so): the next window starts at the
-    timestamp instead. Sequential mode without vad_filter keeps openai's behaviour."""
-    vad_cut = ctx.options.batch_size > 1 or ctx.options.vad_filter
-    if not (vad_cut and window.single_timestamp_ending and window.segments):
-        return seek
-    resume = round(window.segments[-1]["end"] * FRAMES_PER_SECOND)
-    if not span.seek < resume < seek:
-        return seek
-    skipped = ctx.speech_map().speech[resume:seek]
-    return resume if int(skipped.sum()) >= SKIPPED_SPEECH_FRAMES else seek
-
-
 def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features, result: DecodingResult) -> int:
     """Turn one decoded window into segments and add them; returns where the next window starts."""
     if should_skip_as_silence(result, ctx.options):
@@ -419,7 +400,6 @@ def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, featu
     seek = span.seek + window.seek_delta
     if seek <= span.seek:  # a zero-length advance would decode the same window forever
         seek = span.seek + span.size
-    seek = resume_before_skipped_speech(ctx, span, window, seek)
     if ctx.options.word_timestamps:
         seek, drop = apply_word_timing(ctx, transcript, window, features, span, seek)
         if drop:
