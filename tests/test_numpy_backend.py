@@ -301,7 +301,7 @@ def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, 
     hidden = np.random.default_rng(0).standard_normal((4, 384), dtype=np.float32)
     plain = host_blas.matmul(hidden, host.embedding_t)
     np.testing.assert_array_equal(host.logits(hidden), plain)
-    blocks = host.packed_blocks()  # made on first use with several rows, one per worker, covering the vocabulary
+    blocks = host.packed_blocks  # made on first use with several rows, one per worker, covering the vocabulary
     assert len(blocks) == schedule.worker_count() and blocks[0][0].start == 0
     assert all(a[0].stop == b[0].start for a, b in itertools.pairwise(blocks)) and blocks[-1][0].stop == 51864
     np.testing.assert_array_equal(host.logits(hidden[:1]), host_blas.matmul(hidden[:1], host.embedding_t))

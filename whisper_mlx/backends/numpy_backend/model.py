@@ -279,7 +279,6 @@ class HostDecoder:
         self.ln = HostNorm.of(decoder.ln)
         # (n_state, n_vocab), contiguous: the layout the BLAS streams fastest for a few rows
         self.embedding_t = np.ascontiguousarray(self.token_embedding.T)
-        self._packed_blocks: list[tuple[slice, blas.PackedOperand]] | None = None
 
     def new_state(
         self, audio_features: np.ndarray, pad: np.ndarray, max_len: int, rows_per_window: int = 1
@@ -327,7 +326,7 @@ class HostDecoder:
         if plain:
             tasks = [partial(np.matmul, hidden, self.embedding_t[:, c], out=out[:, c]) for c in self.column_blocks]
         else:
-            tasks = [partial(packed.matmul, hidden, out[:, c]) for c, packed in self.packed_blocks()]
+            tasks = [partial(packed.matmul, hidden, out[:, c]) for c, packed in self.packed_blocks]
         run_blocks(tasks)
         return out
 
@@ -337,14 +336,13 @@ class HostDecoder:
         bounds = np.linspace(0, self.embedding_t.shape[1], worker_count() + 1).astype(int)
         return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
+    @cached_property
     def packed_blocks(self) -> list[tuple[slice, blas.PackedOperand]]:
-        """column_blocks, each with its packed copy, made once."""
-        if self._packed_blocks is None:
-            self._packed_blocks = [
-                (columns, blas.PackedOperand(np.ascontiguousarray(self.embedding_t[:, columns])))
-                for columns in self.column_blocks
-            ]
-        return self._packed_blocks
+        """column_blocks, each with its packed copy, made on first use."""
+        return [
+            (columns, blas.PackedOperand(np.ascontiguousarray(self.embedding_t[:, columns])))
+            for columns in self.column_blocks
+        ]
 
 
 class HostDecoderState:
