@@ -160,7 +160,7 @@ def test_transcribe_options_from_defaults():
     options = cli.build_transcribe_options(_parse())
     assert options["temperature"] == pytest.approx((0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
     assert options["verbose"] is True and options["batch_size"] == 1 and options["task"] == "transcribe"
-    assert options["best_of"] == 5 and options["suppress_tokens"] == "-1"
+    assert options["best_of"] == 5 and options["suppress_tokens"] == "-1" and options["seed"] == 0
     for absent in (
         "fp16",
         "language",
@@ -186,6 +186,8 @@ def test_transcribe_options_keep_set_values():
         "x",
         0.0,
     )
+    assert cli.build_transcribe_options(_parse("--seed", "7"))["seed"] == 7
+    assert cli.build_transcribe_options(_parse("--seed", "None"))["seed"] is None
 
 
 @pytest.mark.parametrize(

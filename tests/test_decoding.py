@@ -161,7 +161,11 @@ def test_numpy_and_mlx_backends_decode_alike(random_model):
 
 def test_sampling_is_real_and_best_of_ranks():
     logits = mx.zeros((1, 50))
-    draws = {int(select_tokens(logits, 1.0).item()) for _ in range(40)}
+    draws = {
+        int(select_tokens(logits, 1.0, mx.array([key], mx.uint32), step).item())
+        for key in range(8)
+        for step in range(5)
+    }
     assert len(draws) > 5, "temperature sampling must not collapse to argmax"
     assert int(select_tokens(mx.array([[0.0, 3.0, 1.0]]), 0.0).item()) == 1
     # length-normalised: -10/10 beats -4/3; Google NMT penalty (alpha 1): -10/2.5 loses to -4/1.33

@@ -55,6 +55,20 @@ def test_each_input_as_transcribed_alone(tiny_en, inputs, alone):
         assert_same_result(got[name], alone[name])
 
 
+def test_windows_that_fall_back_to_sampling_draw_as_alone(tiny_en, inputs):
+    """Every window fails at temperature 0 (threshold 0) and samples best_of candidates at 0.6: the
+    samples depend only on the seed and the window, so each input's text is what it gets alone."""
+    forced = {"temperature": (0.0, 0.6), "logprob_threshold": 0.0, "best_of": 2}
+    names = {id(audio): name for name, audio in inputs.items()}
+    got = {names[id(audio)]: result for audio, result in transcribe_many(inputs.values(), model=tiny_en, **forced)}
+    for name, audio in inputs.items():
+        want = transcribe(audio, model=tiny_en, batch_size=BATCH, **forced)
+        assert {s["temperature"] for s in want["segments"]} == {0.6}
+        assert_same_result(got[name], want)
+    reseeded = transcribe(inputs["alice"], model=tiny_en, batch_size=BATCH, seed=1, **forced)
+    assert reseeded["text"] != got["alice"]["text"]
+
+
 def test_a_broken_input_yields_its_error_and_the_others_complete(tiny_en, inputs, alone, tmp_path):
     not_audio = tmp_path / "notes.wav"
     not_audio.write_text("not audio\n" * 50)

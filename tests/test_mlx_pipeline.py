@@ -15,7 +15,8 @@ from whisper_mlx import decoding
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.backends.mlx_backend import MLXBackend
 from whisper_mlx.backends.numpy_backend import NumpyBackend
-from whisper_mlx.decoding import DecodingOptions, DecodingTask
+from whisper_mlx.decoding import DecodingOptions, DecodingTask, candidate_keys
+from whisper_mlx.sampling import gumbel_sample
 from whisper_mlx.tokenizer import get_tokenizer
 from whisper_mlx.whisper import ModelDimensions, Whisper
 
@@ -136,9 +137,13 @@ def stand_in_model():
     return SimpleNamespace(dims=dims, is_multilingual=False, num_languages=99)
 
 
-def reference_greedy(task: DecodingTask, backend: ScriptedBackend, seed: int, prompt: tuple, max_steps: int):
-    """One row decoded alone with openai's rules written out: tokens (EOT excluded), sum of log probs."""
+def reference_decode(
+    task: DecodingTask, backend: ScriptedBackend, seed: int, prompt: tuple, max_steps: int, temperature: float, key: int
+):
+    """One row decoded alone with openai's rules written out: tokens (EOT excluded), sum of log probs.
+    Sampled rows draw from their own key (candidate_keys) at each step, as sampling.py defines."""
     tokenizer, sampled, total = task.tokenizer, [], 0.0
+    row_key = candidate_keys([key], temperature, 1)
     rules = task.timestamp_rules
     for _ in range(max_steps):
         logits = backend.logits(seed, prompt, sampled).astype(np.float64)[None]
@@ -154,6 +159,8 @@ def reference_greedy(task: DecodingTask, backend: ScriptedBackend, seed: int, pr
             with_timestamps=rules is not None,
         )[0]
         token = int(np.argmax(masked))
+        if temperature > 0:
+            token = int(gumbel_sample(masked[None].astype(np.float32), temperature, row_key, len(sampled))[0])
         total += masked[token] - np.logaddexp.reduce(masked[np.isfinite(masked)])
         if token == tokenizer.eot:
             break
@@ -163,11 +170,14 @@ def reference_greedy(task: DecodingTask, backend: ScriptedBackend, seed: int, pr
 
 @pytest.mark.parametrize("xp", [mx, np], ids=["mlx", "numpy"])
 @pytest.mark.parametrize("options", [{}, {"without_timestamps": True}], ids=["timestamps", "text_only"])
-def test_scripted_batch_equals_rows_decoded_alone(xp, options):
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_scripted_batch_equals_rows_decoded_alone(xp, options, temperature):
     """Random logits: the batched loop, dropping finished rows one step late, gives each row what the
-    per-row reference gives, and the loop variants agree exactly."""
+    per-row reference gives, and the loop variants agree exactly; a sampled row draws from its own key,
+    whatever else shares the batch."""
     tokenizer = get_tokenizer(False)
     seeds, prompts = list(range(10)), ["so it was", None, None, "x y z", *[None] * 6]
+    keys = [1000 + 7 * seed for seed in seeds]
     found = {}
     for name, (pipeline, compiled) in VARIANTS.items():
         backend = ScriptedBackend(xp, N_VOCAB, tokenizer.timestamp_begin, tokenizer.eot)
@@ -178,12 +188,13 @@ def test_scripted_batch_equals_rows_decoded_alone(xp, options):
             pipeline=pipeline,
             compile_steps=compiled,
         )
-        results = task.run(xp.array(np.array(seeds)[:, None]), prompts)
+        results = task.run(xp.array(np.array(seeds)[:, None]), prompts, temperature=temperature, keys=keys)
         found[name] = [(r.tokens, r.avg_logprob) for r in results]
     assert found["pipelined_compiled"] == found["unpipelined_plain"] == found["pipelined"]
     lengths = []
-    for seed, prompt, (tokens, avg_logprob) in zip(seeds, prompts, found["pipelined_compiled"]):
-        want, total = reference_greedy(task, backend, seed, tuple(task.initial_tokens(prompt, None)), 40)
+    for seed, prompt, key, (tokens, avg_logprob) in zip(seeds, prompts, keys, found["pipelined_compiled"]):
+        initial = tuple(task.initial_tokens(prompt, None))
+        want, total = reference_decode(task, backend, seed, initial, 40, temperature, key)
         assert tokens == want
         assert avg_logprob == pytest.approx(total / (len(want) + 1), abs=1e-4)
         lengths.append(len(tokens))

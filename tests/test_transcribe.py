@@ -122,7 +122,7 @@ def test_fallback_rebatches_failing_rows_only(tiny_en, data_dir):
     DecodingTask.run = spy
     try:
         options = TranscribeOptions(logprob_threshold=threshold, compression_ratio_threshold=None)
-        results = decode_with_fallback(tasks, features, [None, None], ["en", "en"], options)
+        results = decode_with_fallback(tasks, features, [None, None], ["en", "en"], [1, 2], options)
     finally:
         DecodingTask.run = original_run
     assert seen[0][:2] == (0.0, 2)
@@ -156,8 +156,8 @@ def test_lane_heads_are_prompted_with_the_speech_before_them(tiny_en, data_dir, 
     batches, encoded, planned = [], [], []
     decode, encode, plan = module.decode_with_fallback, module.Context.encode, module.batched_lanes
 
-    def spy_decode(tasks, features, prompts, languages, options):
-        results = decode(tasks, features, prompts, languages, options)
+    def spy_decode(tasks, features, prompts, languages, *rest):
+        results = decode(tasks, features, prompts, languages, *rest)
         batches.append(([list(p) for p in prompts], results))
         return results
 
@@ -240,3 +240,18 @@ def test_hallucination_silence_threshold_on_word_timestamps(tiny_en, data_dir):
         assert "".join(w["word"] for w in segment["words"]) == segment["text"]
     with pytest.raises(whisper_mlx.errors.DecodingError):
         transcribe(audio, model=tiny_en, hallucination_silence_threshold=2.0)  # needs word_timestamps
+
+
+@pytest.mark.parametrize("heard", [False, True])
+def test_the_no_speech_rule_yields_to_a_vad_that_heard_speech(heard):
+    """openai's rule: a low log probability with a high no-speech probability is silence, neither a
+    failure nor text; a window the VAD heard speech in falls back and is kept instead."""
+    from whisper_mlx.decoding import DecodingResult
+    from whisper_mlx.transcribe import TranscribeOptions, needs_fallback, should_skip_as_silence
+
+    options = TranscribeOptions()
+    quiet = DecodingResult(None, "en", avg_logprob=-1.5, no_speech_prob=0.8, compression_ratio=1.0)
+    assert needs_fallback(quiet, options, heard) is heard
+    assert should_skip_as_silence(quiet, options, heard) is not heard
+    confident = DecodingResult(None, "en", avg_logprob=-0.2, no_speech_prob=0.8, compression_ratio=1.0)
+    assert not needs_fallback(confident, options, heard) and not should_skip_as_silence(confident, options, heard)

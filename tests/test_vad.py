@@ -47,6 +47,20 @@ def test_speech_free_input_gives_no_text(tiny_en, kind):
         assert transcribe(audio, model=tiny_en, language="en")["text"].strip() != ""
 
 
+def test_a_window_silero_hears_speech_in_is_not_skipped_as_silence(tiny_en, data_dir):
+    """Thresholds that make openai's rule take every window for silence (any no-speech probability, any
+    log probability below 0): plain sequential mode drops jfk's only window; where Silero ran (batched,
+    vad_filter) the window holds speech, so it is kept, and with the energy VAD openai's rule stands."""
+    from test_transcribe import JFK_TEXT
+
+    path = str(data_dir / "jfk.flac")
+    silence_rule = {"no_speech_threshold": 0.0, "logprob_threshold": 0.0, "temperature": 0.0}
+    assert transcribe(path, model=tiny_en, **silence_rule)["text"] == ""
+    assert transcribe(path, model=tiny_en, batch_size=12, vad="energy", **silence_rule)["text"] == ""
+    for options in ({"batch_size": 12}, {"vad_filter": True}):
+        assert transcribe(path, model=tiny_en, **options, **silence_rule)["text"] == JFK_TEXT, options
+
+
 def test_energy_vad_stays_selectable(tiny_en, data_dir):
     from test_transcribe import JFK_TEXT
 

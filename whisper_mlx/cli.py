@@ -246,6 +246,12 @@ def _add_fallback_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.6,
         help="treat a window as silence above this no-speech probability (with the logprob test)",
     )
+    group.add_argument(
+        "--seed",
+        type=optional_int,
+        default=0,
+        help="fixes the samples drawn at temperatures above 0: the same text in every run; None: random",
+    )
 
 
 def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,15 +21,11 @@ from .audio import CHUNK_LENGTH, N_FRAMES
 from .backends import Backend, backend_for
 from .beam_search import BeamSearch, Step
 from .errors import DecodingError
+from .sampling import array_module, derive_key, gumbel_sample, random_keys
 from .tokenizer import Tokenizer, get_tokenizer
 from .whisper import Whisper
 
 NEG_INF = float("-inf")
-
-
-def array_module(x):
-    """numpy for numpy arrays, else mlx.core: the filters below are written once for both."""
-    return np if isinstance(x, np.ndarray) else mx
 
 
 def logsumexp(x, axis: int = -1, keepdims: bool = False):
@@ -440,14 +436,22 @@ def largest(values, labels, k: int):
     return xp.take_along_axis(values, pick, axis=-1), xp.take_along_axis(labels, pick, axis=-1).astype(xp.int32)
 
 
-def select_tokens(logits, temperature: float):
-    """Greedy (temperature 0) or a true sample from softmax(logits / temperature). Samples always come
-    from MLX's generator, so `mx.random.seed` fixes them on every backend."""
+def select_tokens(logits, temperature: float, row_keys=None, step: int = 0):
+    """Greedy (temperature 0) or a true sample from softmax(logits / temperature), drawn from each
+    row's key (uint32, (B,)) and the step (sampling.py): the same draws on every backend."""
     xp = array_module(logits)
     if temperature == 0:
         return xp.argmax(logits, axis=-1).astype(xp.int32)
-    sampled = mx.random.categorical(mx.array(logits / temperature), axis=-1).astype(mx.int32)
-    return sampled if xp is mx else np.array(sampled)
+    if row_keys is None:
+        raise ValueError("sampling needs a key per row")
+    return gumbel_sample(logits, temperature, row_keys, step)
+
+
+def candidate_keys(window_keys: Sequence[int], temperature: float, n_candidates: int) -> np.ndarray:
+    """The sampling key of each candidate row (n_candidates per window, window-major) at a rung."""
+    rung = round(temperature * 1_000_000)
+    keys = [derive_key(key, rung, j) for key in window_keys for j in range(n_candidates)]
+    return np.array(keys, dtype=np.uint32)
 
 
 def rank_candidates(sum_logprobs: np.ndarray, lengths: np.ndarray, length_penalty: float | None) -> int:
@@ -467,15 +471,17 @@ class _Rows:
     sum_logprobs: mx.array  # (B,)
     finished: mx.array  # (B,) bool
     history: TimestampHistory
+    keys: Any  # (B,) uint32 sampling keys on the device, or None when greedy
     n_sampled: int = 0  # tokens sampled so far (steps built, not necessarily evaluated)
 
     @classmethod
-    def start(cls, batch: int, xp) -> _Rows:
+    def start(cls, batch: int, xp, keys: np.ndarray | None = None) -> _Rows:
         return cls(
             np.arange(batch),
             xp.zeros((batch,), xp.float32),
             xp.zeros((batch,), xp.bool_),
             TimestampHistory.empty(batch, xp),
+            None if keys is None else xp.array(keys),
         )
 
     def keep(self, kept: np.ndarray, xp) -> None:
@@ -483,6 +489,7 @@ class _Rows:
         self.index = self.index[kept]
         self.sum_logprobs, self.finished = self.sum_logprobs[rows], self.finished[rows]
         self.history = self.history.take(rows)
+        self.keys = None if self.keys is None else self.keys[rows]
 
 
 @dataclass
@@ -620,9 +627,11 @@ class DecodingTask:
         prompts: Sequence | None = None,
         languages: Sequence[str | None] | None = None,
         temperature: float | None = None,
+        keys: Sequence[int] | None = None,
     ) -> list[DecodingResult]:
         """Decode each row of audio_features (B, T, D): beam search with beam_size > 1, else greedy, or
-        best_of candidates per row when sampling."""
+        best_of candidates per row when sampling. keys: one integer per row that, with the
+        temperature, fixes its samples (default: drawn from MLX's generator)."""
         batch = audio_features.shape[0]
         temperature = self.options.temperature if temperature is None else temperature
         prompts = list(prompts) if prompts is not None else [self.options.prompt] * batch
@@ -636,7 +645,11 @@ class DecodingTask:
         features = audio_features
         if n_candidates > 1:
             features = take_rows(audio_features, np.repeat(np.arange(batch), n_candidates))
-        tokens, sum_logprobs, no_speech = self._decode_rows(features, rows, temperature)
+        row_keys = None
+        if temperature > 0:
+            window_keys = list(keys) if keys is not None else random_keys(batch).tolist()
+            row_keys = candidate_keys(window_keys, temperature, n_candidates)
+        tokens, sum_logprobs, no_speech = self._decode_rows(features, rows, temperature, row_keys)
         results = []
         for b in range(batch):
             group = range(b * n_candidates, (b + 1) * n_candidates)
@@ -695,7 +708,7 @@ class DecodingTask:
         if temperature == 0 and xp is mx and self.compile_steps:
             update = self._compiled_greedy_update(rows.n_sampled, logits.shape[0])
         else:
-            update = self._row_update(rows.n_sampled, temperature)
+            update = self._row_update(rows.n_sampled, temperature, rows.keys)
         history = rows.history
         tokens, rows.sum_logprobs, rows.finished, last_timestamp, out = update(
             logits, history.last, history.penultimate, history.last_timestamp, rows.sum_logprobs, rows.finished
@@ -706,16 +719,16 @@ class DecodingTask:
             self.backend.submit(out, tokens, rows.sum_logprobs, rows.finished, last_timestamp)
         return _SampledStep(out, rows.index)
 
-    def _row_update(self, n_sampled: int, temperature: float):
-        """The step's selection and row bookkeeping as one pure function of device arrays (compilable):
-        (logits, last, penultimate, last_timestamp, sum_logprobs, finished) -> (tokens, sum_logprobs,
-        finished, last_timestamp, out)."""
+    def _row_update(self, n_sampled: int, temperature: float, keys=None):
+        """The step's selection and row bookkeeping as one pure function of device arrays (compilable;
+        keys: the rows' sampling keys): (logits, last, penultimate, last_timestamp, sum_logprobs,
+        finished) -> (tokens, sum_logprobs, finished, last_timestamp, out)."""
         eot, ts_begin = self.tokenizer.eot, self.tokenizer.timestamp_begin
 
         def update(logits, last, penultimate, last_timestamp, sum_logprobs, finished):
             xp = array_module(logits)
             history = TimestampHistory(last, penultimate, last_timestamp)
-            tokens, chosen = self._select(logits, history, n_sampled, temperature)
+            tokens, chosen = self._select(logits, history, n_sampled, temperature, keys)
             sum_logprobs = sum_logprobs + xp.where(finished, 0.0, chosen)
             tokens = xp.where(finished, eot, tokens)
             finished = finished | (tokens == eot)
@@ -725,14 +738,14 @@ class DecodingTask:
 
         return update
 
-    def _select(self, logits, history: TimestampHistory, n_sampled: int, temperature: float):
+    def _select(self, logits, history: TimestampHistory, n_sampled: int, temperature: float, keys=None):
         """Each row's token after the logit filters (greedy, or sampled) and its log probability."""
         xp = array_module(logits)
         if temperature == 0 and self.timestamp_rules is not None:
             logits = self.suppressor.apply(logits, n_sampled)
             return self.timestamp_rules.greedy(logits, history, n_sampled)
         logits = self._filter_logits(logits, history, n_sampled)
-        tokens = select_tokens(logits, temperature)
+        tokens = select_tokens(logits, temperature, keys, n_sampled)
         logprobs = logits - logsumexp(logits, axis=-1, keepdims=True)
         return tokens, xp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
@@ -754,15 +767,16 @@ class DecodingTask:
         )
         return (self.model.dims.n_vocab, self.suppressor.key, ts_rules, self.tokenizer.eot)
 
-    def _decode_rows(self, features, rows_tokens: list[list[int]], temperature: float):
-        """Decode all rows; returns per-row sampled tokens (EOT excluded), sum logprobs, no-speech probs.
+    def _decode_rows(self, features, rows_tokens: list[list[int]], temperature: float, keys=None):
+        """Decode all rows (keys: their sampling keys when temperature > 0); returns per-row sampled
+        tokens (EOT excluded), sum logprobs, no-speech probs.
 
         Pipelined as mlx-lm's generate_step: step i+1 is built and submitted before the host waits on
         step i's selection, which was submitted on its own earlier, so the device computes step i+1 while
         the host reads step i and builds the next graph. Rows are dropped on flags one step old."""
         backend, batch = self.backend, len(rows_tokens)
         logits, no_speech, state = self._prefill(features, rows_tokens)
-        rows = _Rows.start(batch, backend.xp)
+        rows = _Rows.start(batch, backend.xp, keys)
         max_steps = min(self.sample_len, self.n_ctx - max(len(r) for r in rows_tokens))
         record = _HostRecord(batch, max_steps, self.tokenizer.eot)
         pending = self._sample_step(logits, rows, temperature)

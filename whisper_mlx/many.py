@@ -4,9 +4,7 @@
 lanes together, up to batch_size windows per batch; inputs submitted while it decodes join at the next
 batch. Each input is cut into the same lanes, with the same lead-ins, prompts and language detection,
 as `transcribe(input, batch_size=B)` alone, and a row's decoding does not depend on the other rows of
-its batch, so each result is the one `transcribe` gives. The exception: a window that falls back to
-sampling (temperature > 0) draws from the random generator in a different order than alone, so its
-text may differ.
+its batch (a sampled row draws from its own window's key), so each result is the one `transcribe` gives.
 
 Two threads: a loader that decodes the next inputs' audio (log-mel, Silero VAD) ahead of the decoder,
 at most about 2 * batch_size inputs loaded at a time, and the decoder that owns the model.

@@ -6,6 +6,7 @@ The loop state lives in small objects and every step is a function of its own.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import sys
@@ -32,6 +33,7 @@ from .audio import (
 from .backends import Backend, backend_for
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language, take_rows
 from .errors import DecodingError
+from .sampling import derive_key, random_keys
 from .segments import clear_empty_segments, split_window
 from .silero import SileroStream
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
@@ -39,6 +41,7 @@ from .vad import VAD_METHODS, SpeechMap, clip_regions, energy_speech_map, plan_l
 from .whisper import Whisper
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+HEARD_SPEECH_FRACTION = 0.5  # of a window's frames Silero takes for speech: not silence, whatever no_speech says
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
@@ -63,6 +66,7 @@ class TranscribeOptions:
     verbose: bool | None = None  # True: print segments; False: progress bar; None: quiet
     vad_filter: bool = False  # sequential mode too decodes only the speech the VAD finds
     vad: str = "silero"  # the voice-activity detector: "silero" or "energy" (vad.VAD_METHODS)
+    seed: int | None = 0  # fixes the samples of the fallback rungs; None: drawn from MLX's generator
 
 
 def parse_clip_timestamps(clip_timestamps: str | Sequence[float]) -> tuple[float, ...]:
@@ -91,8 +95,9 @@ def seek_clips(clip_timestamps: tuple[float, ...], content_frames: int) -> list[
     return clips
 
 
-def needs_fallback(result: DecodingResult, options: TranscribeOptions) -> bool:
-    """openai's quality checks; a window that looks like silence (no_speech AND low logprob) passes."""
+def needs_fallback(result: DecodingResult, options: TranscribeOptions, heard_speech: bool = False) -> bool:
+    """openai's quality checks; a window that looks like silence (no_speech AND low logprob) passes,
+    unless the VAD heard speech in it (heard_speech)."""
     failed = False
     if (
         options.compression_ratio_threshold is not None
@@ -106,13 +111,15 @@ def needs_fallback(result: DecodingResult, options: TranscribeOptions) -> bool:
         and result.no_speech_prob > options.no_speech_threshold
         and options.logprob_threshold is not None
         and result.avg_logprob < options.logprob_threshold
+        and not heard_speech
     ):
         failed = False  # this is silence
     return failed
 
 
-def should_skip_as_silence(result: DecodingResult, options: TranscribeOptions) -> bool:
-    if options.no_speech_threshold is None or result.no_speech_prob <= options.no_speech_threshold:
+def should_skip_as_silence(result: DecodingResult, options: TranscribeOptions, heard_speech: bool = False) -> bool:
+    """openai's no-speech rule; a window the VAD heard speech in (heard_speech) is never skipped."""
+    if heard_speech or options.no_speech_threshold is None or result.no_speech_prob <= options.no_speech_threshold:
         return False
     # a confident transcript is kept despite the no-speech probability
     return not (options.logprob_threshold is not None and result.avg_logprob > options.logprob_threshold)
@@ -139,21 +146,34 @@ def rung_options(options: DecodingOptions, temperature: float) -> DecodingOption
 
 
 def decode_with_fallback(
-    tasks: TaskCache, features, prompts: list, languages: list, options: TranscribeOptions
+    tasks: TaskCache,
+    features,
+    prompts: list,
+    languages: list,
+    keys: list[int],
+    options: TranscribeOptions,
+    heard_speech: list[bool] | None = None,
 ) -> list[DecodingResult]:
     """Decode every row; rows failing the quality checks are decoded again, together, at the next
-    temperature of the ladder (their encoder output reused), until they pass or the ladder ends."""
+    temperature of the ladder (their encoder output reused), until they pass or the ladder ends.
+    keys: each row's sampling key (with the rung's temperature it fixes the row's samples);
+    heard_speech: the rows the VAD heard speech in (never passed as silence)."""
+    heard = heard_speech or [False] * features.shape[0]
     results: list[DecodingResult | None] = [None] * features.shape[0]
     pending = list(range(features.shape[0]))
     for temperature in options.temperatures:
         batch = features if len(pending) == features.shape[0] else take_rows(features, pending)
         decoded = tasks.get(temperature).run(
-            batch, [prompts[i] for i in pending], [languages[i] for i in pending], temperature=temperature
+            batch,
+            [prompts[i] for i in pending],
+            [languages[i] for i in pending],
+            temperature=temperature,
+            keys=[keys[i] for i in pending],
         )
         failed = []
         for row, result in zip(pending, decoded):
             results[row] = result
-            if needs_fallback(result, options):
+            if needs_fallback(result, options, heard[row]):
                 failed.append(row)
         pending = failed
         if not pending:
@@ -205,19 +225,38 @@ class Context:
     language: str | None = None
     first_window: tuple[int, object] | None = None  # (seek, encoder output) kept from detection
     speech_probabilities: np.ndarray | None = None  # Silero's, one per 512 samples, when it ran
+    seed: int = 0  # options.seed, or one drawn for this input
 
     @classmethod
     def for_input(cls, model, backend, loaded, options, tasks, language: str | None) -> Context:
         """One input's context from its (mel, speech probabilities), as mel_and_speech gives them."""
         mel, speech = loaded
-        content_frames = mel.n_frames - N_FRAMES
-        return cls(model, backend, mel, content_frames, options, tasks, language=language, speech_probabilities=speech)
+        seed = int(random_keys(1)[0]) if options.seed is None else options.seed
+        frames = mel.n_frames - N_FRAMES
+        return cls(model, backend, mel, frames, options, tasks, language, speech_probabilities=speech, seed=seed)
+
+    def window_key(self, seek: int) -> int:
+        """The sampling key of the window starting at seek: alone or beside other inputs, the same."""
+        return derive_key(self.seed, seek)
 
     def speech_map(self) -> SpeechMap:
         """Where the speech is, per mel frame, from Silero's probabilities or else the mel's energy."""
         if self.speech_probabilities is not None:
-            return silero_speech_map(self.speech_probabilities, self.content_frames)
+            return self.silero_map
         return energy_speech_map(self.mel.frame_means(self.content_frames))
+
+    @functools.cached_property
+    def silero_map(self) -> SpeechMap:
+        return silero_speech_map(cast(np.ndarray, self.speech_probabilities), self.content_frames)
+
+    def heard_speech(self, span: WindowSpan) -> bool:
+        """Whether Silero heard speech in at least HEARD_SPEECH_FRACTION of the window: openai's
+        no-speech rule then does not drop it (after a poor sample at a fallback rung, a window of read
+        speech with a no-speech probability of 0.74 was skipped whole)."""
+        if self.speech_probabilities is None:
+            return False
+        speech = self.silero_map.speech[span.seek : span.seek + span.size]
+        return bool(speech.sum() >= HEARD_SPEECH_FRACTION * span.size)
 
     @property
     def tokenizer(self):
@@ -394,7 +433,7 @@ def apply_word_timing(
 
 def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features, result: DecodingResult) -> int:
     """Turn one decoded window into segments and add them; returns where the next window starts."""
-    if should_skip_as_silence(result, ctx.options):
+    if should_skip_as_silence(result, ctx.options, ctx.heard_speech(span)):
         return span.seek + span.size
     window = split_window(ctx.tokenizer, result, seek=span.seek, segment_size=span.size)
     seek = span.seek + window.seek_delta
@@ -428,7 +467,7 @@ class Lane:
         """The lead-in's finished segments become the lane's previous text (its unfinished last words
         would be the model's guess: the audio stops at the cut); the segments are the previous lane's."""
         self.lead_in = None
-        if should_skip_as_silence(result, ctx.options):
+        if should_skip_as_silence(result, ctx.options, ctx.heard_speech(span)):
             return
         window = split_window(ctx.tokenizer, result, seek=span.seek, segment_size=span.size)
         self.transcript.all_tokens.extend(token for segment in window.segments for token in segment["tokens"])
@@ -498,7 +537,9 @@ def decode_windows(windows: list[LaneWindow], progress=None) -> None:
     prompts = [w.lane.transcript.prompt(w.ctx.options, n_text_ctx) for w in windows]
     languages = [w.ctx.language for w in windows]
     lead = windows[0].ctx
-    results = decode_with_fallback(lead.tasks, features, prompts, languages, lead.options)
+    keys = [w.ctx.window_key(w.span.seek) for w in windows]
+    heard = [w.ctx.heard_speech(w.span) for w in windows]
+    results = decode_with_fallback(lead.tasks, features, prompts, languages, keys, lead.options, heard)
     for i, (w, result) in enumerate(zip(windows, results)):
         if w.span is w.lane.lead_in:
             w.lane.take_lead_in(w.ctx, w.span, result)
@@ -592,6 +633,9 @@ def build_options(temperature, batch_size, verbose, clip_timestamps, **kwargs) -
     )
     if options.hallucination_silence_threshold is not None and not options.word_timestamps:
         raise DecodingError("hallucination_silence_threshold requires word_timestamps=True")
+    seed = options.seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise DecodingError(f"seed must be an integer or None, got {options.seed!r}")
     if options.vad not in VAD_METHODS:
         raise DecodingError(f"vad must be one of {', '.join(VAD_METHODS)}, got {options.vad!r}")
     return options
@@ -644,6 +688,7 @@ def transcribe(
     backend: str | None = None,
     vad_filter: bool = False,
     vad: str = "silero",
+    seed: int | None = 0,
     **decode_options,
 ) -> dict:
     """Transcribe an audio file or waveform; returns openai-whisper's result dict
@@ -654,6 +699,8 @@ def transcribe(
     initial prompt only. backend: "auto", "mlx" or "numpy" (default: the model's, see backends).
     vad_filter: decode only the speech the voice-activity detector finds (batched mode always does);
     vad: that detector, "silero" (Silero VAD, the default) or "energy" (the mel's loudness).
+    seed: the fallback rungs' samples depend only on it and the window, so the same input gives the
+    same text in every run, alone or batched with other inputs (None: a new draw per call).
     Remaining keywords are DecodingOptions fields (language, task, fp16, ...).
     """
     model, model_backend = resolve_model(model, path_or_hf_repo, decode_options.get("fp16"), backend)
@@ -674,6 +721,7 @@ def transcribe(
         hallucination_silence_threshold=hallucination_silence_threshold,
         vad_filter=vad_filter,
         vad=vad,
+        seed=seed,
     )
     decoding = build_decoding_options(model, decode_options, options.temperatures)
     loaded = mel_and_speech(audio, model.dims.n_mels, options)
