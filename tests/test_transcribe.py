@@ -255,3 +255,16 @@ def test_the_no_speech_rule_yields_to_a_vad_that_heard_speech(heard):
     assert should_skip_as_silence(quiet, options, heard) is not heard
     confident = DecodingResult(None, "en", avg_logprob=-0.2, no_speech_prob=0.8, compression_ratio=1.0)
     assert not needs_fallback(confident, options, heard) and not should_skip_as_silence(confident, options, heard)
+
+
+def test_the_best_of_a_failed_ladder_is_the_most_probable_fluent_result():
+    from whisper_mlx.decoding import DecodingResult
+    from whisper_mlx.transcribe import TranscribeOptions, best_of_ladder
+
+    def tried(logprob: float, ratio: float) -> DecodingResult:
+        return DecodingResult(None, "en", avg_logprob=logprob, compression_ratio=ratio)
+
+    rungs = [tried(-0.5, 3.1), tried(-1.2, 1.5), tried(-1.1, 1.6), tried(-2.0, 1.2)]
+    assert best_of_ladder(rungs, TranscribeOptions()) is rungs[2]  # the repetitive -0.5 is passed over
+    assert best_of_ladder(rungs, TranscribeOptions(compression_ratio_threshold=None)) is rungs[0]
+    assert best_of_ladder(rungs[:1], TranscribeOptions()) is rungs[0]  # nothing fluent: the most probable

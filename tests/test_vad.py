@@ -50,11 +50,12 @@ def test_speech_free_input_gives_no_text(tiny_en, kind):
 def test_a_window_silero_hears_speech_in_is_not_skipped_as_silence(tiny_en, data_dir):
     """Thresholds that make openai's rule take every window for silence (any no-speech probability, any
     log probability below 0): plain sequential mode drops jfk's only window; where Silero ran (batched,
-    vad_filter) the window holds speech, so it is kept, and with the energy VAD openai's rule stands."""
+    vad_filter) the window holds speech, so it falls back, every rung fails, and the most probable
+    result (the greedy one, not the last rung's sample) is kept; with the energy VAD openai's rule stands."""
     from test_transcribe import JFK_TEXT
 
     path = str(data_dir / "jfk.flac")
-    silence_rule = {"no_speech_threshold": 0.0, "logprob_threshold": 0.0, "temperature": 0.0}
+    silence_rule = {"no_speech_threshold": 0.0, "logprob_threshold": 0.0, "temperature": (0.0, 1.0)}
     assert transcribe(path, model=tiny_en, **silence_rule)["text"] == ""
     assert transcribe(path, model=tiny_en, batch_size=12, vad="energy", **silence_rule)["text"] == ""
     for options in ({"batch_size": 12}, {"vad_filter": True}):

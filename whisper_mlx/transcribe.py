@@ -157,9 +157,10 @@ def decode_with_fallback(
     """Decode every row; rows failing the quality checks are decoded again, together, at the next
     temperature of the ladder (their encoder output reused), until they pass or the ladder ends.
     keys: each row's sampling key (with the rung's temperature it fixes the row's samples);
-    heard_speech: the rows the VAD heard speech in (never passed as silence)."""
+    heard_speech: the rows the VAD heard speech in (never passed as silence; when every rung fails,
+    the best of the ladder is kept rather than openai's last)."""
     heard = heard_speech or [False] * features.shape[0]
-    results: list[DecodingResult | None] = [None] * features.shape[0]
+    tried: list[list[DecodingResult]] = [[] for _ in range(features.shape[0])]
     pending = list(range(features.shape[0]))
     for temperature in options.temperatures:
         batch = features if len(pending) == features.shape[0] else take_rows(features, pending)
@@ -172,13 +173,22 @@ def decode_with_fallback(
         )
         failed = []
         for row, result in zip(pending, decoded):
-            results[row] = result
+            tried[row].append(result)
             if needs_fallback(result, options, heard[row]):
                 failed.append(row)
         pending = failed
         if not pending:
             break
-    return cast(list[DecodingResult], results)  # every row is decoded at the first temperature
+    failed_heard = {row for row in pending if heard[row]}
+    return [best_of_ladder(t, options) if row in failed_heard else t[-1] for row, t in enumerate(tried)]
+
+
+def best_of_ladder(tried: list[DecodingResult], options: TranscribeOptions) -> DecodingResult:
+    """faster-whisper's choice when every rung failed: the most probable result that is not too
+    repetitive (the last rung's sample at temperature 1.0, openai's choice, is the least probable)."""
+    threshold = options.compression_ratio_threshold
+    fluent = [r for r in tried if threshold is None or r.compression_ratio <= threshold]
+    return max(fluent or tried, key=lambda r: r.avg_logprob)
 
 
 # ------------------------------------------------------------------------------ shared context

@@ -2,7 +2,7 @@
 runtime.py preloaded for MLX.
 
 numpy's wheels bring their own OpenBLAS, whose kernels for a few rows (a decoding step's products and
-logits) are slow on Intel CPUs (on AMD's Zen 2 they are faster, but see products_library). The host
+logits) are slow on Intel CPUs (on AMD EPYC CPUs they are faster, but see products_library). The host
 decoder's products therefore call the preloaded library's cblas_sgemm
 directly (ctypes); WHISPER_MLX_PRODUCTS=numpy sends them to numpy instead (products_library()).
 Without a preloaded BLAS (or for other dtypes and layouts) the same functions fall back to numpy. With
@@ -46,7 +46,7 @@ _NUMPY_PRODUCTS = os.environ.get("WHISPER_MLX_PRODUCTS", "").strip().lower() == 
 
 def products_library():
     """The preloaded library whose products to call, or None for numpy's (WHISPER_MLX_PRODUCTS=numpy at
-    import). numpy's OpenBLAS is faster per product on AMD's Zen 2, but its threads spin after each call
+    import). numpy's OpenBLAS is faster per product on AMD EPYC CPUs, but its threads spin after each call
     on the cores the loader and encoder threads need, and MKL's threads stay on the calling thread
     (docs/experiments.md)."""
     return None if _NUMPY_PRODUCTS else _blas()
