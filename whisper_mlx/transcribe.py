@@ -441,9 +441,12 @@ def apply_word_timing(
 # ------------------------------------------------------------------- sequential and batched
 
 
-def process_window(ctx: Context, transcript: Transcript, span: WindowSpan, features, result: DecodingResult) -> int:
-    """Turn one decoded window into segments and add them; returns where the next window starts."""
-    if should_skip_as_silence(result, ctx.options, ctx.heard_speech(span)):
+def process_window(
+    ctx: Context, transcript: Transcript, span: WindowSpan, features, result: DecodingResult, heard_speech: bool
+) -> int:
+    """Turn one decoded window into segments and add them; returns where the next window starts
+    (heard_speech: the VAD heard speech in the window, see Context.heard_speech)."""
+    if should_skip_as_silence(result, ctx.options, heard_speech):
         return span.seek + span.size
     window = split_window(ctx.tokenizer, result, seek=span.seek, segment_size=span.size)
     seek = span.seek + window.seek_delta
@@ -473,11 +476,11 @@ class Lane:
         """The next window to decode: the lead-in while it is pending, then the lane's own."""
         return self.lead_in if self.lead_in is not None else self.next_span(content_frames)
 
-    def take_lead_in(self, ctx: Context, span: WindowSpan, result: DecodingResult) -> None:
+    def take_lead_in(self, ctx: Context, span: WindowSpan, result: DecodingResult, heard_speech: bool) -> None:
         """The lead-in's finished segments become the lane's previous text (its unfinished last words
         would be the model's guess: the audio stops at the cut); the segments are the previous lane's."""
         self.lead_in = None
-        if should_skip_as_silence(result, ctx.options, ctx.heard_speech(span)):
+        if should_skip_as_silence(result, ctx.options, heard_speech):
             return
         window = split_window(ctx.tokenizer, result, seek=span.seek, segment_size=span.size)
         self.transcript.all_tokens.extend(token for segment in window.segments for token in segment["tokens"])
@@ -552,9 +555,9 @@ def decode_windows(windows: list[LaneWindow], progress=None) -> None:
     results = decode_with_fallback(lead.tasks, features, prompts, languages, keys, lead.options, heard)
     for i, (w, result) in enumerate(zip(windows, results)):
         if w.span is w.lane.lead_in:
-            w.lane.take_lead_in(w.ctx, w.span, result)
+            w.lane.take_lead_in(w.ctx, w.span, result, heard[i])
             continue
-        w.lane.seek = process_window(w.ctx, w.lane.transcript, w.span, features[i : i + 1], result)
+        w.lane.seek = process_window(w.ctx, w.lane.transcript, w.span, features[i : i + 1], result, heard[i])
         if progress is not None:
             progress(w.ctx, min(w.ctx.content_frames, w.lane.seek) - w.span.seek)
     del features, results
@@ -645,7 +648,7 @@ def build_options(temperature, batch_size, verbose, clip_timestamps, **kwargs) -
         raise DecodingError("hallucination_silence_threshold requires word_timestamps=True")
     seed = options.seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise DecodingError(f"seed must be an integer or None, got {options.seed!r}")
+        raise DecodingError(f"seed must be an integer or None, got {seed!r}")
     if options.vad not in VAD_METHODS:
         raise DecodingError(f"vad must be one of {', '.join(VAD_METHODS)}, got {options.vad!r}")
     return options
