@@ -716,26 +716,9 @@ def transcribe(
     same text in every run, alone or batched with other inputs (None: a new draw per call).
     Remaining keywords are DecodingOptions fields (language, task, fp16, ...).
     """
+    arguments = locals()
     model, model_backend = resolve_model(model, path_or_hf_repo, decode_options.get("fp16"), backend)
-    options = build_options(
-        temperature,
-        batch_size,
-        verbose,
-        clip_timestamps,
-        compression_ratio_threshold=compression_ratio_threshold,
-        logprob_threshold=logprob_threshold,
-        no_speech_threshold=no_speech_threshold,
-        condition_on_previous_text=condition_on_previous_text,
-        initial_prompt=initial_prompt,
-        carry_initial_prompt=carry_initial_prompt,
-        word_timestamps=word_timestamps,
-        prepend_punctuations=prepend_punctuations,
-        append_punctuations=append_punctuations,
-        hallucination_silence_threshold=hallucination_silence_threshold,
-        vad_filter=vad_filter,
-        vad=vad,
-        seed=seed,
-    )
+    options = long_form_options({name: arguments[name] for name in long_form_keywords()})
     decoding = build_decoding_options(model, decode_options, options.temperatures)
     loaded = mel_and_speech(audio, model.dims.n_mels, options)
     tasks = TaskCache(model, decoding)
@@ -749,6 +732,20 @@ def transcribe(
 MODEL_KEYWORDS = ("model", "path_or_hf_repo", "backend")
 
 
+@functools.cache
+def long_form_keywords() -> tuple[str, ...]:
+    """transcribe()'s keywords that set its TranscribeOptions (all but the model's and DecodingOptions')."""
+    parameters = inspect.signature(transcribe).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in MODEL_KEYWORDS)
+
+
+def long_form_options(named: dict) -> TranscribeOptions:
+    """TranscribeOptions from a value for each of long_form_keywords(), checked."""
+    named = dict(named)
+    temperature, batch_size, verbose = named.pop("temperature"), named.pop("batch_size"), named.pop("verbose")
+    return build_options(temperature, batch_size, verbose, named.pop("clip_timestamps"), **named)
+
+
 def options_from_keywords(model: Whisper, keywords: dict) -> tuple[TranscribeOptions, DecodingOptions]:
     """transcribe()'s keywords (its defaults for the others) as the options it would run with; a
     keyword it does not take is a DecodingError here (one input's bad option, not a programming error)."""
@@ -756,17 +753,12 @@ def options_from_keywords(model: Whisper, keywords: dict) -> tuple[TranscribeOpt
     if chosen:
         raise DecodingError(f"{', '.join(chosen)}: fixed by the engine's model, not set per input")
     parameters = inspect.signature(transcribe).parameters
-    named = {
-        name: keywords.get(name, p.default)
-        for name, p in parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in MODEL_KEYWORDS
-    }
+    named = {name: keywords.get(name, parameters[name].default) for name in long_form_keywords()}
     decode_options = {k: v for k, v in keywords.items() if k not in parameters}
     unknown = sorted(set(decode_options) - _DECODING_FIELDS)
     if unknown:
         raise DecodingError(f"unknown transcription option(s): {', '.join(unknown)}")
-    temperature, batch_size, verbose = named.pop("temperature"), named.pop("batch_size"), named.pop("verbose")
-    options = build_options(temperature, batch_size, verbose, named.pop("clip_timestamps"), **named)
+    options = long_form_options(named)
     return options, build_decoding_options(model, decode_options, options.temperatures)
 
 
