@@ -1,5 +1,6 @@
 """The MLX decoding loop, measured: kernels of a greedy step's filters and selection (compiled or not),
-host waits per decoding step, and per-step time with and without pipelining.
+host waits per decoding step, per-step time with and without pipelining, and a timeline showing whether
+each step's graph was built while the device still evaluated the previous step.
 
     python -m benchmarks.mlx_loop --model tiny.en --audio tests/data/alice_ch1.flac --windows 12 --out DIR
 """
@@ -89,6 +90,82 @@ class WaitCountingBackend(MLXBackend):
         return host
 
 
+class TimelineBackend(WaitCountingBackend):
+    """Records (kind, start, end, array ids) for each decoder step's graph building ("build": its start),
+    each submission ("submit": the async_eval call) and each host wait ("wait"), in perf_counter seconds."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.events: list[tuple[str, float, float, set[int]]] = []
+
+    def step(self, state, tokens):
+        now = time.perf_counter()
+        self.events.append(("build", now, now, set()))
+        return super().step(state, tokens)
+
+    def submit(self, *arrays) -> None:
+        start = time.perf_counter()
+        super().submit(*arrays)
+        self.events.append(("submit", start, time.perf_counter(), {id(a) for a in arrays}))
+
+    def to_host(self, array) -> np.ndarray:
+        start = time.perf_counter()
+        host = super().to_host(array)
+        self.events.append(("wait", start, time.perf_counter(), {id(array)}))
+        return host
+
+
+def step_phases(events: list[tuple[str, float, float, set[int]]], busy_ms: float = 0.1) -> list[dict]:
+    """Per decoder step, from its graph building's start to the host wait after it: the milliseconds spent
+    building (until the first submission), inside async_eval, and waiting; and whether the building
+    overlapped the device: the array waited on was submitted before the building began and was still not
+    ready when the host got to it (the wait blocked over busy_ms)."""
+    submitted: dict[int, float] = {}
+    steps: list[dict] = []
+    step = None
+    for kind, start, end, ids in events:
+        if kind == "build":
+            step = {"start": start, "build_ms": None, "submit_ms": 0.0}
+        elif kind == "submit":
+            submitted.update(dict.fromkeys(ids, start))
+            if step is not None:
+                step["build_ms"] = step["build_ms"] if step["build_ms"] is not None else 1000 * (start - step["start"])
+                step["submit_ms"] += 1000 * (end - start)
+        elif step is not None:  # the host wait that ends the step
+            wait_ms = 1000 * (end - start)
+            waited_since = submitted.get(next(iter(ids)), start)
+            overlapped = waited_since < step.pop("start") and wait_ms > busy_ms
+            steps.append({**step, "wait_ms": wait_ms, "overlapped": overlapped})
+            step = None
+    return steps
+
+
+def overlap_timeline(events: list[tuple[str, float, float, set[int]]]) -> dict:
+    """Means of the step phases, the fraction of steps whose building overlapped the device, and the
+    first events in milliseconds from the first one."""
+    steps = step_phases(events)
+    n = max(len(steps), 1)
+    origin = events[0][1] if events else 0.0
+    return {
+        "steps": len(steps),
+        **{f"{k}_mean": round(sum(s[k] or 0.0 for s in steps) / n, 3) for k in ("build_ms", "submit_ms", "wait_ms")},
+        "overlapped_fraction": round(sum(s["overlapped"] for s in steps) / n, 3),
+        "first_events_ms": [
+            (k, round(1000 * (a - origin), 2), round(1000 * (b - origin), 2)) for k, a, b, _ in events[:24]
+        ],
+    }
+
+
+def timeline_run(model, features: mx.array, pipeline: bool) -> dict:
+    """One compiled greedy decode of the windows recorded as a timeline (after a warm-up)."""
+    backend = TimelineBackend(model)
+    task = DecodingTask(model, DecodingOptions(language="en"), backend, pipeline=pipeline, compile_steps=True)
+    task.run(features[:1])
+    backend.events.clear()
+    task.run(features)
+    return {"pipeline": pipeline, **overlap_timeline(backend.events)}
+
+
 def window_features(backend: MLXBackend, audio_path: str, windows: int) -> mx.array:
     audio = load_audio(audio_path)
     clips = [audio[i * N_SAMPLES : (i + 1) * N_SAMPLES] for i in range(windows)]
@@ -135,6 +212,7 @@ def measure(model_name: str, audio: str, windows: int, dtype: str | None) -> dic
         for n in (0, 1, 2)
     }
     runs = [time_loop(model, features, p, c) for p, c in ((False, False), (True, False), (True, True))]
+    timelines = [timeline_run(model, features, p) for p in (False, True)]
     return {
         "model": model_name,
         "windows": windows,
@@ -142,6 +220,7 @@ def measure(model_name: str, audio: str, windows: int, dtype: str | None) -> dic
         "dtype": str(model.dtype),
         "kernels": kernels,
         "runs": runs,
+        "timelines": timelines,
     }
 
 

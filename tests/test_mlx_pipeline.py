@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import whisper_mlx
-from benchmarks.mlx_loop import greedy_step_kernels
+from benchmarks.mlx_loop import greedy_step_kernels, step_phases
 from whisper_mlx import decoding
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.backends.mlx_backend import MLXBackend
@@ -106,6 +106,29 @@ def test_unpipelined_loop_waits_on_the_latest_submission(tiny_en, tiny_windows):
     DecodingTask(tiny_en, DecodingOptions(language="en"), backend, pipeline=False).run(tiny_windows[:2])
     verdicts = host_waits_on_older_submissions(backend.events)
     assert verdicts and not any(verdicts)
+
+
+def test_step_phases_tell_overlapped_building_from_idle_device():
+    """The timeline's verdict (benchmarks/mlx_loop.py): a step's building overlapped the device only when
+    the array then waited on was submitted before the building and the wait still blocked."""
+    ms = 0.001
+    pipelined = [
+        ("submit", 0.0, 1 * ms, {1}),  # step i's selection
+        ("build", 2 * ms, 2 * ms, set()),
+        ("submit", 4 * ms, 5 * ms, {2}),  # step i+1, built while step i ran
+        ("wait", 5 * ms, 9 * ms, {1}),  # step i still running: blocked 4 ms
+    ]
+    unpipelined = [
+        ("build", 0.0, 0.0, set()),
+        ("submit", 3 * ms, 4 * ms, {1, 2}),  # step i evaluated with step i+1: nothing ran during building
+        ("wait", 4 * ms, 9 * ms, {1}),
+    ]
+    idle = pipelined[:3] + [("wait", 5 * ms, 5.05 * ms, {1})]  # step i was done before the building ended
+    [step] = step_phases(pipelined)
+    assert step["overlapped"] and step["build_ms"] == pytest.approx(2) and step["wait_ms"] == pytest.approx(4)
+    assert step["submit_ms"] == pytest.approx(1)
+    assert not step_phases(unpipelined)[0]["overlapped"]
+    assert not step_phases(idle)[0]["overlapped"]
 
 
 @pytest.mark.parametrize("options", [{}, {"without_timestamps": True}], ids=["timestamps", "text_only"])
