@@ -37,9 +37,9 @@ class FakeBackend:
         self.loaded, self.calls, self.stdin_bytes = [], [], None
         self.model = object()
 
-    def load_model(self, path_or_name, fp16=None, backend=None):
+    def load_model(self, path_or_name, fp16=None, backend=None, device=None, download_root=None):
         self.loaded.append((path_or_name, fp16))
-        self.backend = backend
+        self.backend, self.device, self.download_root = backend, device, download_root
         return self.model
 
     def transcribe(self, audio, **options):
@@ -271,6 +271,14 @@ def test_backend_flag_reaches_the_loader_and_is_reported(backend, tmp_path, caps
     assert "Backend" not in capsys.readouterr().out
 
 
+def test_device_and_model_dir_reach_the_loader(backend, tmp_path):
+    """openai's --device and --model_dir, in kebab case."""
+    audio = _audio(tmp_path / "a.wav")
+    assert cli.main([audio, "--device", "cpu", "--model-dir", str(tmp_path / "m"), "-o", str(tmp_path / "o")]) == 0
+    assert (backend.device, backend.download_root) == ("cpu", str(tmp_path / "m"))
+    assert cli.main([audio, "--device", "tpu", "-o", str(tmp_path / "o")]) == 2  # a usage error
+
+
 def test_output_name_and_all_formats(backend, tmp_path):
     audio = _audio(tmp_path / "a.wav")
     assert cli.main([audio, "--output-name", "result", "-f", "all", "-o", str(tmp_path / "o")]) == 0
@@ -318,7 +326,7 @@ def test_only_missing_inputs_skip_the_model(backend, tmp_path):
 
 @pytest.mark.parametrize("error", [ModelNotFoundError("no model at /nowhere"), KeyError("config")])
 def test_model_loading_failure_exits_1_without_traceback(backend, monkeypatch, tmp_path, capsys, error):
-    def failing_loader(path_or_name, fp16=None):
+    def failing_loader(path_or_name, fp16=None, **where):
         raise error
 
     monkeypatch.setattr(cli, "load_model", failing_loader)

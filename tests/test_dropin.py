@@ -115,6 +115,34 @@ def test_mlx_whisper_load_model_and_transcribe(tiny_en_dir, data_dir):
     assert result["text"] == " " + LS_GREEDY
 
 
+@pytest.fixture
+def default_device():
+    """MLX's default device, restored after the test (load_model(device=...) sets it for the process)."""
+    before = mx.default_device()
+    yield before
+    mx.set_default_device(before)
+
+
+def test_openai_load_model_keywords(tiny_en_dir, tmp_path, monkeypatch, default_device):
+    """openai: whisper.load_model(name, device=..., download_root=..., in_memory=...)."""
+    model = whisper.load_model(str(tiny_en_dir), device="cpu", download_root=str(tmp_path), in_memory=True)
+    assert model.dims.n_vocab == 51864 and mx.default_device() == mx.cpu
+    with pytest.raises(ValueError, match="device must be"):
+        whisper.load_model(str(tiny_en_dir), device="tpu")
+    if load_models.gpu_available():
+        whisper.load_model(str(tiny_en_dir), device="cuda:0")
+        assert mx.default_device() == mx.gpu
+    else:
+        with pytest.raises(ValueError, match="no GPU"):
+            whisper.load_model(str(tiny_en_dir), device="cuda")
+    asked = []
+    monkeypatch.setattr(
+        load_models.hub, "download", lambda repo, subfolder=None, cache_dir=None: asked.append(cache_dir) or tiny_en_dir
+    )
+    whisper.load_model("tiny.en", download_root=str(tmp_path / "models"))  # openai's download_root: where models go
+    assert asked == [str(tmp_path / "models")]
+
+
 def test_beam_search_where_the_mlx_runtimes_raise(tiny_en, data_dir):
     """mlx-whisper 0.4.3 and lightning raise NotImplementedError for any beam_size, even 1."""
     from whisper_mlx import LightningWhisperMLX

@@ -123,7 +123,7 @@ def test_step_phases_tell_overlapped_building_from_idle_device():
         ("submit", 3 * ms, 4 * ms, {1, 2}),  # step i evaluated with step i+1: nothing ran during building
         ("wait", 4 * ms, 9 * ms, {1}),
     ]
-    idle = pipelined[:3] + [("wait", 5 * ms, 5.05 * ms, {1})]  # step i was done before the building ended
+    idle = [*pipelined[:3], ("wait", 5 * ms, 5.05 * ms, {1})]  # step i was done before the building ended
     [step] = step_phases(pipelined)
     assert step["overlapped"] and step["build_ms"] == pytest.approx(2) and step["wait_ms"] == pytest.approx(4)
     assert step["submit_ms"] == pytest.approx(1)

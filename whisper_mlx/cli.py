@@ -38,6 +38,8 @@ _DROP_WHEN_NONE = (
 _NOT_TRANSCRIBE_OPTIONS = (
     "audio",
     "model",
+    "device",  # model loading's
+    "model_dir",
     "output_dir",
     "output_name",
     "output_format",
@@ -56,16 +58,23 @@ def default_model_path() -> Path:
     return library_default_model_path()
 
 
-def load_model(path_or_name: str | Path, fp16: bool | None = None, backend: str | None = None):
+def load_model(
+    path_or_name: str | Path,
+    fp16: bool | None = None,
+    backend: str | None = None,
+    device: str | None = None,
+    download_root: str | None = None,
+):
     """Load the model once; `fp16=None` keeps the loader's default dtype, `backend=None` the default
-    choice (WHISPER_MLX_BACKEND or auto)."""
+    choice (WHISPER_MLX_BACKEND or auto), `device=None` MLX's default device."""
     from .load_models import load_model as library_load_model
 
-    if fp16 is None:
-        return library_load_model(path_or_name, backend=backend)
-    import mlx.core as mx
+    dtype = None
+    if fp16 is not None:
+        import mlx.core as mx
 
-    return library_load_model(path_or_name, dtype=mx.float16 if fp16 else mx.float32, backend=backend)
+        dtype = mx.float16 if fp16 else mx.float32
+    return library_load_model(path_or_name, dtype=dtype, backend=backend, device=device, download_root=download_root)
 
 
 def backend_summary(model) -> str:
@@ -180,11 +189,26 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="prompt each window with the previous window's text",
     )
+
+
+def _add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and device")
     group.add_argument(
         "--backend",
         default=None,
         choices=["auto", "mlx", "numpy"],
         help="what computes: mlx (Metal, CUDA or CPU) or numpy (CPU, float32); default: $WHISPER_MLX_BACKEND or auto",
+    )
+    group.add_argument(
+        "--device",
+        default=None,
+        choices=["cpu", "cuda", "mps", "gpu"],
+        help="the device MLX computes on (cuda, mps and gpu: the GPU); default: MLX's default device",
+    )
+    group.add_argument(
+        "--model-dir",
+        default=None,
+        help="where models named by --model are downloaded; default: the Hugging Face cache",
     )
     group.add_argument(
         "--fp16",
@@ -286,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_input_output_arguments(parser)
     _add_decoding_arguments(parser)
+    _add_compute_arguments(parser)
     _add_search_arguments(parser)
     _add_fallback_arguments(parser)
     _add_timing_arguments(parser)
@@ -465,7 +490,9 @@ def transcribe_one(audio: str, name: str, model, args: argparse.Namespace, optio
 def load_requested_model(args: argparse.Namespace):
     """The model from --model, or the library's default model; WhisperMLXError/OSError on failure."""
     path_or_name = args.model if args.model is not None else default_model_path()
-    return load_model(path_or_name, fp16=args.fp16, backend=args.backend)
+    return load_model(
+        path_or_name, fp16=args.fp16, backend=args.backend, device=args.device, download_root=args.model_dir
+    )
 
 
 def run_all(args: argparse.Namespace, inputs: Sequence[str], model) -> int:

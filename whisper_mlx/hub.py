@@ -98,8 +98,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def download(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> Path:
-    """The local snapshot directory of a Hub repo (downloading it into the HF cache if needed)."""
+def download(
+    repo_id: str, subfolder: str | None = None, revision: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
+    """The local snapshot directory of a Hub repo, downloading it if needed into cache_dir (default: the
+    HF cache, or HF_HUB_CACHE)."""
     from huggingface_hub import snapshot_download
 
     patterns = [f"{subfolder}/{p}" for p in _ALLOW_PATTERNS] if subfolder else list(_ALLOW_PATTERNS)
@@ -109,7 +112,7 @@ def download(repo_id: str, subfolder: str | None = None, revision: str | None = 
             revision=revision,
             allow_patterns=patterns,
             local_files_only=_offline(),
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE") or None,
         )
     except Exception as exc:  # every hub failure (offline, not cached, 404, gated, network) reads the same to users
         hint = (

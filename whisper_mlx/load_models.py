@@ -115,24 +115,27 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def resolve_model_path(path_or_hf_repo: str | Path | None, quant: str | None = None) -> Path:
+def resolve_model_path(
+    path_or_hf_repo: str | Path | None, quant: str | None = None, download_root: str | Path | None = None
+) -> Path:
     """A local model path for a short name (`tiny`, `large-v3`, ...), an existing path or a Hub repo id.
 
     Short names always mean the Hub model (a folder of that name in the working directory is not
-    consulted); other strings are local paths when they exist, else Hub repo ids.
+    consulted); other strings are local paths when they exist, else Hub repo ids. Hub models are
+    downloaded into download_root when given (default: the Hugging Face cache).
     """
     if path_or_hf_repo is None:
         return default_model_path()
     text = str(path_or_hf_repo)
     if not isinstance(path_or_hf_repo, Path) and hub.is_model_name(text):
-        return hub.download(*hub.repo_for(text, quant))
+        return hub.download(*hub.repo_for(text, quant), cache_dir=download_root)
     if quant is not None:
         raise ValueError("quant applies to short model names only; a path or repo id already fixes the weights")
     path = Path(text).expanduser()
     if path.exists():
         return path
     if not isinstance(path_or_hf_repo, Path) and hub.looks_like_repo_id(text):
-        return hub.download(text)
+        return hub.download(text, cache_dir=download_root)
     raise ModelNotFoundError(
         f"model {text!r} not found: it is not an existing path or a Hugging Face repo id, "
         f"and not one of the available models: {', '.join(hub.available_models())}"
@@ -197,17 +200,54 @@ def build_model(checkpoint: Checkpoint, dtype=None, backend: str | None = None) 
 
 
 def load_model(
-    path_or_hf_repo: str | Path | None = None, dtype=None, quant: str | None = None, backend: str | None = None
+    path_or_hf_repo: str | Path | None = None,
+    dtype=None,
+    quant: str | None = None,
+    backend: str | None = None,
+    *,
+    device=None,
+    download_root: str | Path | None = None,
+    in_memory: bool = False,
 ) -> Whisper:
     """Load a Whisper model from a local path (any supported format), a Hub repo id or a short name.
 
     dtype defaults to float16 on a GPU and float32 on the CPU; quant ("4bit"/"8bit") picks the
     quantized Hub variant of a short name, as lightning-whisper-mlx's `quant` does. backend: "auto"
     (default; or the WHISPER_MLX_BACKEND environment variable), "mlx" or "numpy".
+
+    openai-whisper's keywords: device ("cpu", "cuda", "mps", "gpu" or a torch.device) becomes MLX's
+    default device (see use_device); download_root is where Hub models are downloaded; in_memory is
+    accepted and changes nothing (the weights are always read into memory).
     """
     requested_backend(backend)  # an unknown name fails before any download
-    path = resolve_model_path(path_or_hf_repo, quant)
+    use_device(device)
+    path = resolve_model_path(path_or_hf_repo, quant, download_root)
     return build_model(read_checkpoint(path), dtype, backend)
+
+
+_GPU_DEVICE_NAMES = ("cuda", "mps", "gpu", "metal")
+
+
+def use_device(device) -> None:
+    """openai's load_model(device=...) on MLX, where one default device serves the whole process: "cpu"
+    makes it the CPU, a GPU name ("cuda", "mps", "gpu"; "cuda:0" too) the GPU, which must exist."""
+    if device is None:
+        return
+    name = str(device).split(":")[0].strip().lower()  # torch.device("cuda:0") prints as cuda:0
+    if name == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif name in _GPU_DEVICE_NAMES:
+        if not gpu_available():
+            raise ValueError(f"device {str(device)!r} is not available: MLX finds no GPU on this machine")
+        mx.set_default_device(mx.gpu)
+    else:
+        raise ValueError(f"device must be 'cpu' or a GPU ('cuda', 'mps', 'gpu'), not {device!r}")
+
+
+def gpu_available() -> bool:
+    """Whether MLX can compute on a GPU here (Metal, or CUDA in an mlx-cuda build)."""
+    cuda = getattr(mx, "cuda", None)
+    return mx.metal.is_available() or (cuda is not None and cuda.is_available())
 
 
 _cache: dict[tuple[str, str, str], Whisper] = {}
