@@ -101,7 +101,10 @@ class NumpyBackend:
         return self._alignment.alignment_weights(tokens, features, heads)
 
     def free_cached_buffers(self) -> None:
-        pass
+        """Between batches: the decoder keeps its caches' buffers for the next batch, up to the memory
+        in use (see buffers.BufferPool.trim)."""
+        if self._decoder is not None:
+            self._decoder.pool.trim()
 
 
 def _same_parameters(module, sources: list) -> bool:

@@ -9,6 +9,7 @@ calling a single-threaded BLAS (docs/performance.md has the measurements).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -202,17 +203,24 @@ def _values_by_head(audio: np.ndarray, weight: np.ndarray, bias: np.ndarray | No
 
 
 def cross_keys_values(
-    audio: np.ndarray, key_weight: np.ndarray, value_weight: np.ndarray, value_bias: np.ndarray | None, n_head: int
+    audio: np.ndarray,
+    key_weight: np.ndarray,
+    value_weight: np.ndarray,
+    value_bias: np.ndarray | None,
+    n_head: int,
+    empty: Callable[[tuple[int, ...]], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A decoder layer's cross-attention cache of encoded windows (B, T, width), in the layouts the
     decoding steps read: keys scaled by 1/√d and transposed (B, H, D, T), which one product per window
     writes directly ((H·D, T) is that layout), and values (B, H, T, D), one product per window and a
-    copy that splits the heads (faster than one narrow product per head)."""
+    copy that splits the heads (faster than one narrow product per head). empty(shape) makes the
+    float32 outputs (default: new arrays)."""
     batch, frames, width = audio.shape
     head_dim = width // n_head
     key_weight = key_weight * np.float32(head_dim**-0.5)
-    keys_t = np.empty((batch, n_head, head_dim, frames), np.float32)
-    values = np.empty((batch, n_head, frames, head_dim), np.float32)
+    empty = empty or (lambda shape: np.empty(shape, np.float32))
+    keys_t = empty((batch, n_head, head_dim, frames))
+    values = empty((batch, n_head, frames, head_dim))
     tasks = []
     for b in range(batch):
         tasks.append(partial(np.matmul, key_weight, audio[b].T, out=keys_t[b].reshape(width, frames)))

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from ...whisper import decoder_mask, merge_heads, split_heads  # written to serve numpy arrays as well
 from . import blas, kernels
+from .buffers import BufferPool
 from .schedule import run_blocks, run_whole, worker_count
 
 
@@ -145,10 +146,10 @@ class HostLayer:
             HostMLP.of(block),
         )
 
-    def cross_cache(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def cross_cache(self, audio: np.ndarray, pool: BufferPool) -> tuple[np.ndarray, np.ndarray]:
         """(keys scaled and transposed (B, H, D, T), values (B, H, T, D)) of encoded windows."""
         return kernels.cross_keys_values(
-            audio, self.cross_key_weight, self.cross_value.weight, self.cross_value.bias, self.n_head
+            audio, self.cross_key_weight, self.cross_value.weight, self.cross_value.bias, self.n_head, pool.empty
         )
 
     def __call__(
@@ -279,12 +280,13 @@ class HostDecoder:
         self.ln = HostNorm.of(decoder.ln)
         # (n_state, n_vocab), contiguous: the layout the BLAS streams fastest for a few rows
         self.embedding_t = np.ascontiguousarray(self.token_embedding.T)
+        self.pool = BufferPool()  # the batches' caches, reused
 
     def new_state(
         self, audio_features: np.ndarray, pad: np.ndarray, max_len: int, rows_per_window: int = 1
     ) -> HostDecoderState:
         audio = np.ascontiguousarray(audio_features, dtype=np.float32)
-        cross_kv = [layer.cross_cache(audio) for layer in self.layers]
+        cross_kv = [layer.cross_cache(audio, self.pool) for layer in self.layers]
         head = self.layers[0]
         return HostDecoderState(
             self,
@@ -363,8 +365,9 @@ class HostDecoderState:
     ):
         batch = pad.shape[0]
         self.decoder = decoder  # the weights this state's caches were made with
-        self.keys = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
-        self.values = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in cross_kv]
+        # a position is written before it is read (append), so reused buffers need no clearing
+        self.keys = [decoder.pool.empty((batch, n_head, max_len, head_dim)) for _ in cross_kv]
+        self.values = [decoder.pool.empty((batch, n_head, max_len, head_dim)) for _ in cross_kv]
         self.cross_kv = cross_kv
         self.pad = pad
         self.offset = 0
@@ -400,8 +403,9 @@ class HostDecoderState:
         """After the prompt, fed one row per window: copy each window's caches to its rows."""
         self.shared = self.offset
         if self.rows_per_window > 1:
-            self.keys = [repeat_rows(k, self.rows_per_window, self.offset) for k in self.keys]
-            self.values = [repeat_rows(v, self.rows_per_window, self.offset) for v in self.values]
+            empty = self.decoder.pool.empty
+            self.keys = [repeat_rows(k, self.rows_per_window, self.offset, empty) for k in self.keys]
+            self.values = [repeat_rows(v, self.rows_per_window, self.offset, empty) for v in self.values]
             self.pad = np.repeat(self.pad, self.rows_per_window)
 
     def rearrange(self, rows: np.ndarray) -> None:
@@ -428,10 +432,12 @@ def keep_rows(arrays: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
     return [array[rows] for array in arrays]
 
 
-def repeat_rows(cache: np.ndarray, repeats: int, filled: int) -> np.ndarray:
+def repeat_rows(cache: np.ndarray, repeats: int, filled: int, empty=None) -> np.ndarray:
     """A (B·repeats, H, max_len, D) cache whose rows are each row of `cache` (B, H, max_len, D) `repeats`
-    times, its first `filled` positions copied (the later ones are written before they are read)."""
+    times, its first `filled` positions copied (the later ones are written before they are read);
+    empty(shape) makes it (default: a new array)."""
     batch, *rest = cache.shape
-    out = np.empty((batch * repeats, *rest), np.float32)
+    shape = (batch * repeats, *rest)
+    out = empty(shape) if empty is not None else np.empty(shape, np.float32)
     out.reshape(batch, repeats, *rest)[:, :, :, :filled] = cache[:, None, :, :filled]
     return out
