@@ -208,17 +208,16 @@ def cross_keys_values(
     value_weight: np.ndarray,
     value_bias: np.ndarray | None,
     n_head: int,
-    empty: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+    empty: Callable[[tuple[int, ...]], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
     """A decoder layer's cross-attention cache of encoded windows (B, T, width), in the layouts the
     decoding steps read: keys scaled by 1/√d and transposed (B, H, D, T), which one product per window
     writes directly ((H·D, T) is that layout), and values (B, H, T, D), one product per window and a
     copy that splits the heads (faster than one narrow product per head). empty(shape) makes the
-    float32 outputs (default: new arrays)."""
+    float32 outputs."""
     batch, frames, width = audio.shape
     head_dim = width // n_head
     key_weight = key_weight * np.float32(head_dim**-0.5)
-    empty = empty or (lambda shape: np.empty(shape, np.float32))
     keys_t = empty((batch, n_head, head_dim, frames))
     values = empty((batch, n_head, frames, head_dim))
     tasks = []

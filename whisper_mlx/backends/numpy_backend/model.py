@@ -13,6 +13,7 @@ The weights are views of an MLX model's float32 parameters; MLX itself computes 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import cast, overload
@@ -432,12 +433,11 @@ def keep_rows(arrays: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
     return [array[rows] for array in arrays]
 
 
-def repeat_rows(cache: np.ndarray, repeats: int, filled: int, empty=None) -> np.ndarray:
-    """A (B·repeats, H, max_len, D) cache whose rows are each row of `cache` (B, H, max_len, D) `repeats`
-    times, its first `filled` positions copied (the later ones are written before they are read);
-    empty(shape) makes it (default: a new array)."""
+def repeat_rows(cache: np.ndarray, repeats: int, filled: int, empty: Callable[[tuple], np.ndarray]) -> np.ndarray:
+    """A (B·repeats, H, max_len, D) cache, made by empty(shape), whose rows are each row of `cache` (B, H,
+    max_len, D) `repeats` times, its first `filled` positions copied (the later ones are written before
+    they are read)."""
     batch, *rest = cache.shape
-    shape = (batch * repeats, *rest)
-    out = empty(shape) if empty is not None else np.empty(shape, np.float32)
+    out = empty((batch * repeats, *rest))
     out.reshape(batch, repeats, *rest)[:, :, :, :filled] = cache[:, None, :, :filled]
     return out
