@@ -64,6 +64,7 @@ def test_threads_never_share_a_buffer():
             array[:] = value
             if not np.all(array == value):
                 errors.append(value)
+            del array  # so that a thread holds none while it asks for the next
 
     threads = [threading.Thread(target=worker, args=(float(i),)) for i in range(4)]
     for thread in threads:
