@@ -10,7 +10,7 @@ import pytest
 
 import whisper_mlx
 import whisper_mlx as whisper  # openai: import whisper
-from whisper_mlx import audio, decoding, load_models  # mlx-whisper: from mlx_whisper import ...
+from whisper_mlx import audio, decoding, load_models, runtime  # mlx-whisper: from mlx_whisper import ...
 from whisper_mlx.tokenizer import get_tokenizer
 
 JFK_BEAM5 = (
@@ -129,7 +129,7 @@ def test_openai_load_model_keywords(tiny_en_dir, tmp_path, monkeypatch, default_
     assert model.dims.n_vocab == 51864 and mx.default_device() == mx.cpu
     with pytest.raises(ValueError, match="device must be"):
         whisper.load_model(str(tiny_en_dir), device="tpu")
-    if load_models.gpu_available():
+    if runtime.gpu_available():
         whisper.load_model(str(tiny_en_dir), device="cuda:0")
         assert mx.default_device() == mx.gpu
     else:

