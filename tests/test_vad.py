@@ -9,7 +9,7 @@ from benchmarks.noise import brown_noise
 from whisper_mlx import transcribe
 from whisper_mlx.errors import DecodingError
 from whisper_mlx.silero import speech_probabilities
-from whisper_mlx.vad import SPEECH_PAD, clip_regions, runs, silero_speech_map
+from whisper_mlx.vad import SPEECH_PAD, SpeechMap, clip_regions, cut_near, runs, silero_speech_map
 
 from fake_backends import counting
 
@@ -82,3 +82,21 @@ def test_cli_passes_the_vad_options():
     assert (chosen["vad_filter"], chosen["vad"]) == (True, "energy")
     with pytest.raises(SystemExit):
         parser.parse_args(["a.flac", "--vad", "webrtc"])
+
+
+def _map_with_pauses(n_frames: int, pauses: list[tuple[int, int]]) -> SpeechMap:
+    speech = np.ones(n_frames, bool)
+    for start, end in pauses:
+        speech[start:end] = False
+    return SpeechMap(speech, np.where(speech, 1.0, 0.0), pauses=~speech)
+
+
+def test_a_lane_is_cut_in_the_longest_pause_just_before_the_speech_resumes():
+    """The lane after the cut starts SPEECH_PAD before its speech, as a region after a skipped silence
+    does; a pause shorter than twice that is cut in its middle."""
+    long_pause = _map_with_pauses(4000, [(1900, 1940), (2100, 2300)])
+    assert cut_near(long_pause, 2000, 0, 4000) == 2300 - SPEECH_PAD
+    short_pause = _map_with_pauses(4000, [(2010, 2050)])
+    assert cut_near(short_pause, 2000, 0, 4000) == 2030
+    no_pause = _map_with_pauses(4000, [])
+    assert 1500 <= cut_near(no_pause, 2000, 0, 4000) <= 2500

@@ -108,9 +108,10 @@ def clip_regions(speech_map: SpeechMap, clips: list[tuple[int, int]]) -> list[tu
 
 
 def cut_near(speech_map: SpeechMap, target: int, lo: int, hi: int) -> int:
-    """Where to cut a lane within LANE_CUT_SEARCH of target, inside (lo, hi): the middle of the longest
-    pause there (a sentence's end, rather than a breath inside it), else the quietest frame (0.3 s
-    average)."""
+    """Where to cut a lane within LANE_CUT_SEARCH of target, inside (lo, hi): in the longest pause
+    there (a sentence's end, rather than a breath inside it), SPEECH_PAD before the speech resumes (as
+    a region after a skipped silence starts; the pause stays with the lane before) or in its middle
+    when it is shorter; else at the quietest frame (0.3 s average)."""
     start, end = max(lo + 1, target - LANE_CUT_SEARCH), min(hi - 1, target + LANE_CUT_SEARCH)
     if end <= start:
         return target
@@ -118,7 +119,7 @@ def cut_near(speech_map: SpeechMap, target: int, lo: int, hi: int) -> int:
         pauses = runs(speech_map.pauses[start:end])
         if pauses:
             first, last = max(pauses, key=lambda run: (run[1] - run[0], -abs(start + run[0] - target)))
-            return start + (first + last) // 2
+            return start + max((first + last) // 2, last - SPEECH_PAD)
     smooth = moving_average(speech_map.quiet[start:end], CUT_SMOOTH_FRAMES)
     return start + int(np.argmin(smooth))
 
