@@ -84,19 +84,22 @@ def test_cli_passes_the_vad_options():
         parser.parse_args(["a.flac", "--vad", "webrtc"])
 
 
-def _map_with_pauses(n_frames: int, pauses: list[tuple[int, int]]) -> SpeechMap:
+def _map_with_pauses(n_frames: int, pauses: list[tuple[int, int]], quiet_at: int | None = None) -> SpeechMap:
     speech = np.ones(n_frames, bool)
     for start, end in pauses:
         speech[start:end] = False
-    return SpeechMap(speech, np.where(speech, 1.0, 0.0), pauses=~speech)
+    quiet = np.where(speech, 1.0, 0.0)
+    if quiet_at is not None:  # a quieter stretch of speech (a breath), no pause
+        quiet[quiet_at - 20 : quiet_at + 20] = 0.5
+    return SpeechMap(speech, quiet, pauses=~speech)
 
 
 def test_a_lane_is_cut_in_the_longest_pause_just_before_the_speech_resumes():
     """The lane after the cut starts SPEECH_PAD before its speech, as a region after a skipped silence
-    does; a pause shorter than twice that is cut in its middle."""
+    does; a pause shorter than twice that is cut in its middle; without a pause, the quietest frame."""
     long_pause = _map_with_pauses(4000, [(1900, 1940), (2100, 2300)])
     assert cut_near(long_pause, 2000, 0, 4000) == 2300 - SPEECH_PAD
     short_pause = _map_with_pauses(4000, [(2010, 2050)])
     assert cut_near(short_pause, 2000, 0, 4000) == 2030
-    no_pause = _map_with_pauses(4000, [])
-    assert 1500 <= cut_near(no_pause, 2000, 0, 4000) <= 2500
+    no_pause = _map_with_pauses(4000, [], quiet_at=2200)  # then the quietest frame
+    assert abs(cut_near(no_pause, 2000, 0, 4000) - 2200) <= 5

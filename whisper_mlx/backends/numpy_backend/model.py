@@ -433,7 +433,9 @@ def keep_rows(arrays: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
     return [array[rows] for array in arrays]
 
 
-def repeat_rows(cache: np.ndarray, repeats: int, filled: int, empty: Callable[[tuple], np.ndarray]) -> np.ndarray:
+def repeat_rows(
+    cache: np.ndarray, repeats: int, filled: int, empty: Callable[[tuple[int, ...]], np.ndarray]
+) -> np.ndarray:
     """A (B·repeats, H, max_len, D) cache, made by empty(shape), whose rows are each row of `cache` (B, H,
     max_len, D) `repeats` times, its first `filled` positions copied (the later ones are written before
     they are read)."""
