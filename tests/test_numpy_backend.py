@@ -19,6 +19,7 @@ from whisper_mlx.backends.mlx_backend import MLXBackend
 from whisper_mlx.backends.numpy_backend import NumpyBackend, schedule
 from whisper_mlx.backends.numpy_backend import blas as host_blas
 from whisper_mlx.backends.numpy_backend import model as host_model
+from whisper_mlx.backends.numpy_backend import panels as host_panels
 from whisper_mlx.backends.numpy_backend.model import HostEncoder
 from whisper_mlx.decoding import DecodingOptions, DecodingTask
 from whisper_mlx.errors import BackendError
@@ -277,6 +278,12 @@ def mkl_products(monkeypatch):
     monkeypatch.setattr(host_blas, "_NUMPY_PRODUCTS", False)
 
 
+@pytest.fixture
+def without_panels(monkeypatch):
+    """The BLAS paths the decoder takes where the panel kernel was not built (its decoders made after)."""
+    monkeypatch.setattr(host_panels, "_library", [None])
+
+
 @needs_packing
 @pytest.mark.parametrize("rows", [1, 2, 6, 13])
 def test_packed_operand_equals_the_plain_product(rows, mkl_products):
@@ -296,7 +303,7 @@ def test_packed_operand_equals_the_plain_product(rows, mkl_products):
 
 
 @needs_packing
-def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, mkl_products):
+def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, mkl_products, without_panels):
     host = host_decoder_for(tiny_en)
     hidden = np.random.default_rng(0).standard_normal((4, 384), dtype=np.float32)
     plain = host_blas.matmul(hidden, host.embedding_t)
@@ -310,7 +317,7 @@ def test_logits_of_several_rows_read_the_packed_embedding(tiny_en, monkeypatch, 
 
 
 @pytest.mark.parametrize("rows", [host_model.OPENBLAS_LOGITS_MIN_ROWS, 60])
-def test_logits_of_many_rows_are_numpys_product_in_column_blocks(tiny_en, products_from, rows):
+def test_logits_of_many_rows_are_numpys_product_in_column_blocks(tiny_en, products_from, rows, without_panels):
     """Beams' logits: each worker's block of vocabulary columns is numpy's product, the same bits as
     numpy's one product of all columns, whichever library serves the other products."""
     host = host_decoder_for(tiny_en)

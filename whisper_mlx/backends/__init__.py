@@ -15,7 +15,7 @@ from ..errors import BackendError
 from ..runtime import blas_info, default_dtype, device_name, on_cpu
 from .interface import Backend, DecoderState
 from .mlx_backend import MLXBackend
-from .numpy_backend import NumpyBackend, unsupported_reason
+from .numpy_backend import NumpyBackend, panels, unsupported_reason
 
 BACKEND_NAMES = ("auto", "mlx", "numpy")
 ENVIRONMENT_VARIABLE = "WHISPER_MLX_BACKEND"
@@ -61,8 +61,9 @@ def backend_for(model, name: str | None = None) -> Backend:
 
 
 def backend_info(model=None) -> dict:
-    """The device MLX computes on, the default dtype, the BLAS serving CPU matmuls, and the backend
-    `model` uses (or, without a model, the one a float32 model would get here)."""
+    """The device MLX computes on, the default dtype, the BLAS serving CPU matmuls, the instruction set
+    of the numpy backend's panel kernel (None when it was not built), and the backend `model` uses (or,
+    without a model, the one a float32 model would get here)."""
     if model is not None:
         backend = backend_for(model).name
     else:
@@ -73,5 +74,6 @@ def backend_info(model=None) -> dict:
         "device": device_name(),
         "default_dtype": str(default_dtype()).replace("mlx.core.", ""),
         **blas_info(),
+        "panel_kernel": panels.instruction_set(),
         "mlx_version": getattr(mx, "__version__", "unknown"),
     }

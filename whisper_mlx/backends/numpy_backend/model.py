@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ...whisper import decoder_mask, merge_heads, split_heads  # written to serve numpy arrays as well
-from . import blas, kernels
+from . import blas, kernels, panels
 from .buffers import BufferPool
 from .schedule import run_blocks, run_whole, worker_count
 
@@ -63,7 +63,16 @@ class HostLinear:
     def of(cls, layer: nn.Linear) -> HostLinear:
         return cls(_np(layer.weight), _np(layer.bias) if "bias" in layer else None)
 
+    @cached_property
+    def panel_weights(self) -> panels.PanelWeights | None:
+        """The weights in panels for a decoding step's few rows, made on first use (None without the kernel)."""
+        return panels.PanelWeights(self.weight) if panels.available() else None
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        rows = x.size // x.shape[-1]
+        if rows <= panels.MAX_ROWS and self.panel_weights is not None:
+            out = self.panel_weights.matmul(x.reshape(rows, x.shape[-1]), self.bias)
+            return out.reshape(*x.shape[:-1], self.weight.shape[0])
         return affine(x, self.weight, self.bias)
 
 
@@ -315,13 +324,21 @@ class HostDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits (rows, n_vocab) of final hidden states (rows, n_state): the step's largest read (tiny,
-        80 MB). One row: blas.matmul (numpy's gemv). From PACKED_MIN_ROWS rows, one block of vocabulary
-        columns per worker (a single BLAS call computes such a skinny product on one thread): MKL's
-        packed copy of the block, made on first use (greedy sequential decoding never needs it), or
-        from OPENBLAS_LOGITS_MIN_ROWS rows numpy's product of the plain block. A column is the same
-        bits as in the one product of all columns by the same library (test)."""
+        80 MB). One row: blas.matmul (numpy's gemv). From 2 to panels.MAX_ROWS rows, the panel kernel
+        over the embedding's panels, one range per worker (panels.py); without it, or above,
+        one block of vocabulary columns per worker (a single BLAS call computes such a skinny product
+        on one thread): MKL's packed copy of the block, made on first use, or from
+        OPENBLAS_LOGITS_MIN_ROWS rows numpy's product of the plain block. A column is the same bits as
+        in the one product of all columns by the same kernel or library (test)."""
         hidden = np.ascontiguousarray(hidden)
         rows = hidden.shape[0]
+        if PACKED_MIN_ROWS <= rows <= panels.MAX_ROWS and self.embedding_panels is not None:
+            out = np.empty((rows, self.embedding_panels.width), np.float32)
+            embedding = self.embedding_panels
+            run_blocks(
+                [partial(embedding.matmul, hidden, out=out, part=part) for part in embedding.split(worker_count())]
+            )
+            return out
         plain = rows >= OPENBLAS_LOGITS_MIN_ROWS
         if not plain and (rows < PACKED_MIN_ROWS or not blas.PackedOperand.available()):
             return blas.matmul(hidden, self.embedding_t)
@@ -332,6 +349,11 @@ class HostDecoder:
             tasks = [partial(packed.matmul, hidden, out[:, c]) for c, packed in self.packed_blocks]
         run_blocks(tasks)
         return out
+
+    @cached_property
+    def embedding_panels(self) -> panels.PanelWeights | None:
+        """The token embedding in panels, made on first use (None without the kernel)."""
+        return panels.PanelWeights(self.token_embedding) if panels.available() else None
 
     @cached_property
     def column_blocks(self) -> list[slice]:

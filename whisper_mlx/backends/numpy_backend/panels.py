@@ -1,0 +1,131 @@
+"""Products of a few rows by a weight matrix copied into panels: the decoding steps' linear layers and
+logits, through the small C kernel in the repository's csrc/panel_products.c.
+
+A BLAS computes x Wᵀ for 2-30 rows far below the speed of reading W: on a 2-core AMD EPYC, MKL's
+products of 6 rows by the decoder's 33 MB of weights ran at a quarter of it (docs/performance.md).
+The kernel reads each panel of 16 weight rows once per block of rows and keeps the block's sums in
+vector registers. Every output is one chain of fused multiply-adds in ascending k, so a row's result
+is the same bits whatever rows share its product and however its columns are split over threads.
+
+The kernel is an optional part of the package (setuptools builds it where a C compiler is found);
+without it the callers use the BLAS (`available()` is False).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+
+PANEL = 16  # weight rows per panel (the kernel's vector width)
+MAX_ROWS = 128  # the BLAS catches up at ~256 rows (a prompt has hundreds: the BLAS computes those)
+_library: list = []  # [ctypes library or None], resolved once
+
+
+def _load():
+    """The compiled kernel next to this module, or None (not built, or WHISPER_MLX_PANELS=0)."""
+    if os.environ.get("WHISPER_MLX_PANELS", "").strip() == "0":
+        return None
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_panel_products{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            n, p = ctypes.c_long, ctypes.c_void_p
+            lib.panel_product.argtypes = [p, n, n, n, p, n, n, n, p, p, n]
+            lib.panel_product.restype = None
+            lib.panels_per_block.restype = ctypes.c_int
+            lib.use_instruction_set.argtypes = [ctypes.c_int]
+            lib.use_instruction_set.restype = ctypes.c_int
+            lib.instruction_set.restype = ctypes.c_int
+            return lib
+    return None
+
+
+def _kernel():
+    if not _library:
+        _library.append(_load())
+    return _library[0]
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+INSTRUCTION_SETS = ("baseline", "avx2", "avx512")  # the kernel's copies (x86-64 builds by GCC: all three)
+
+
+def use_instruction_set(name: str | None = None) -> str | None:
+    """Run the kernel copy for `name` (one of INSTRUCTION_SETS), or, when this CPU lacks it or name is
+    None, for the best instruction set it has; returns the one in use (None without the kernel).
+    Panel weights made before a change keep the block layout of the copy they were made for: make
+    them again."""
+    lib = _kernel()
+    if lib is None:
+        return None
+    return INSTRUCTION_SETS[lib.use_instruction_set(-1 if name is None else INSTRUCTION_SETS.index(name))]
+
+
+def instruction_set() -> str | None:
+    """The instruction set of the kernel copy in use (None without the kernel): for reports."""
+    lib = _kernel()
+    return None if lib is None else INSTRUCTION_SETS[lib.instruction_set()]
+
+
+class PanelWeights:
+    """A weight matrix W (width, k), as nn.Linear stores it (or the token embedding), copied into panels
+    panels[p, k, j] = W[p·PANEL + j, k], zero past `width`, the panel count even (the AVX-512 kernel
+    computes two panels at once)."""
+
+    def __init__(self, weight: np.ndarray):
+        lib = _kernel()
+        if lib is None:
+            raise RuntimeError("the panel-products kernel was not built (no C compiler when installed)")
+        self.width, self.inner = weight.shape
+        count = -(-self.width // PANEL)
+        count += count % 2
+        padded = np.zeros((count * PANEL, self.inner), np.float32)
+        padded[: self.width] = weight
+        self.panels = np.ascontiguousarray(padded.reshape(count, PANEL, self.inner).transpose(0, 2, 1))
+        self.step = int(lib.panels_per_block())  # panel ranges start at multiples of it
+
+    def matmul(
+        self, x: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None, part: slice | None = None
+    ) -> np.ndarray:
+        """x Wᵀ (+ bias) for x (rows, k), into out (rows, width) when given; with `part` (a slice of
+        panels, from split()) only those panels' columns of out are written."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.inner:
+            raise ValueError(f"cannot multiply {x.shape} by the transposed ({self.width}, {self.inner}) weights")
+        if out is None:
+            out = np.empty((x.shape[0], self.width), np.float32)
+        elif out.shape != (x.shape[0], self.width) or not out.flags.c_contiguous or out.dtype != np.float32:
+            raise ValueError(f"cannot write a ({x.shape[0]}, {self.width}) product into {out.shape}")
+        if bias is not None:
+            bias = np.ascontiguousarray(bias, dtype=np.float32)
+        part = part or slice(0, len(self.panels))
+        _kernel().panel_product(
+            x.ctypes.data,
+            x.shape[0],
+            self.inner,
+            self.inner,
+            self.panels.ctypes.data,
+            self.width,
+            part.start,
+            part.stop,
+            None if bias is None else bias.ctypes.data,
+            out.ctypes.data,
+            self.width,
+        )
+        return out
+
+    def split(self, parts: int) -> list[slice]:
+        """The panels in `parts` contiguous ranges of about equal size, each starting at a multiple of
+        the kernel's block."""
+        blocks = len(self.panels) // self.step
+        bounds = [round(blocks * i / parts) * self.step for i in range(parts + 1)]
+        return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
