@@ -39,25 +39,13 @@ ROWS_BLOCK(12)
 #endif
 #undef ROWS_BLOCK
 
-static void NAME(rows_block)(long rows, const float *x, long ldx, long k_len, const float *panels, float *out,
-                             long ldo) {
-    switch (rows) {
-    case 1: NAME(rows_1)(x, ldx, k_len, panels, out, ldo); break;
-    case 2: NAME(rows_2)(x, ldx, k_len, panels, out, ldo); break;
-    case 3: NAME(rows_3)(x, ldx, k_len, panels, out, ldo); break;
-    case 4: NAME(rows_4)(x, ldx, k_len, panels, out, ldo); break;
-    case 5: NAME(rows_5)(x, ldx, k_len, panels, out, ldo); break;
-    case 6: NAME(rows_6)(x, ldx, k_len, panels, out, ldo); break;
+/* The block kernels by their row count (entry 0 unused). */
+static void (*const NAME(rows_blocks)[MAX_ROWS + 1])(const float *, long, long, const float *, float *, long) = {
+    0, NAME(rows_1), NAME(rows_2), NAME(rows_3), NAME(rows_4), NAME(rows_5), NAME(rows_6),
 #if MAX_ROWS > 6
-    case 7: NAME(rows_7)(x, ldx, k_len, panels, out, ldo); break;
-    case 8: NAME(rows_8)(x, ldx, k_len, panels, out, ldo); break;
-    case 9: NAME(rows_9)(x, ldx, k_len, panels, out, ldo); break;
-    case 10: NAME(rows_10)(x, ldx, k_len, panels, out, ldo); break;
-    case 11: NAME(rows_11)(x, ldx, k_len, panels, out, ldo); break;
-    case 12: NAME(rows_12)(x, ldx, k_len, panels, out, ldo); break;
+    NAME(rows_7), NAME(rows_8), NAME(rows_9), NAME(rows_10), NAME(rows_11), NAME(rows_12),
 #endif
-    }
-}
+};
 
 static void NAME(panel_product)(const float *x, long rows, long k_len, long ldx, const float *panels, long width,
                                 long first, long last, const float *bias, float *out, long ldo) {
@@ -70,7 +58,7 @@ static void NAME(panel_product)(const float *x, long rows, long k_len, long ldx,
             long r_len = rows - m < MAX_ROWS ? rows - m : MAX_ROWS;
             float *dst = columns == block_width ? out + m * ldo + column : spill;
             long ld = columns == block_width ? ldo : block_width;
-            NAME(rows_block)(r_len, x + m * ldx, ldx, k_len, panels + p * k_len * PANEL, dst, ld);
+            NAME(rows_blocks)[r_len](x + m * ldx, ldx, k_len, panels + p * k_len * PANEL, dst, ld);
             for (long r = 0; r < r_len; ++r) {
                 float *row = out + (m + r) * ldo + column;
                 if (dst == spill) __builtin_memcpy(row, spill + r * block_width, columns * sizeof(float));

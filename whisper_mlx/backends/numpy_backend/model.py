@@ -332,9 +332,9 @@ class HostDecoder:
         in the one product of all columns by the same kernel or library (test)."""
         hidden = np.ascontiguousarray(hidden)
         rows = hidden.shape[0]
-        if PACKED_MIN_ROWS <= rows <= panels.MAX_ROWS and self.embedding_panels is not None:
-            out = np.empty((rows, self.embedding_panels.width), np.float32)
-            embedding = self.embedding_panels
+        embedding = self.embedding_panels if PACKED_MIN_ROWS <= rows <= panels.MAX_ROWS else None
+        if embedding is not None:
+            out = np.empty((rows, embedding.width), np.float32)
             run_blocks(
                 [partial(embedding.matmul, hidden, out=out, part=part) for part in embedding.split(worker_count())]
             )
