@@ -88,9 +88,13 @@ class PanelWeights:
         self.width, self.inner = weight.shape
         count = -(-self.width // PANEL)
         count += count % 2
-        padded = np.zeros((count * PANEL, self.inner), np.float32)
-        padded[: self.width] = weight
-        self.panels = np.ascontiguousarray(padded.reshape(count, PANEL, self.inner).transpose(0, 2, 1))
+        # filled panel by panel from views of the weights: no padded copy of them (80 MB for tiny.en's embedding)
+        self.panels = np.zeros((count, self.inner, PANEL), np.float32)
+        full = self.width // PANEL
+        weight = np.asarray(weight, np.float32)
+        self.panels[:full] = weight[: full * PANEL].reshape(full, PANEL, self.inner).transpose(0, 2, 1)
+        if self.width > full * PANEL:
+            self.panels[full, :, : self.width - full * PANEL] = weight[full * PANEL :].T
         self.step = int(lib.panels_per_block())  # panel ranges start at multiples of it
 
     def matmul(
