@@ -98,6 +98,12 @@ def test_a_part_writes_only_its_columns():
     assert np.isnan(out[:, columns:]).all()
 
 
+def test_an_unknown_instruction_set_is_refused():
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        panels.use_instruction_set("sse9")
+    assert panels.instruction_set() in panels.INSTRUCTION_SETS
+
+
 def test_mismatched_shapes_raise():
     x, weight, _ = random_case(3, 40, 64)
     weights = panels.PanelWeights(weight)

@@ -64,6 +64,8 @@ def use_instruction_set(name: str | None = None) -> str | None:
     None, for the best instruction set it has; returns the one in use (None without the kernel).
     Panel weights made before a change keep the block layout of the copy they were made for: make
     them again."""
+    if name is not None and name not in INSTRUCTION_SETS:
+        raise ValueError(f"unknown instruction set {name!r}: one of {', '.join(INSTRUCTION_SETS)}")
     lib = _kernel()
     if lib is None:
         return None
@@ -84,7 +86,7 @@ class PanelWeights:
     def __init__(self, weight: np.ndarray):
         lib = _kernel()
         if lib is None:
-            raise RuntimeError("the panel-products kernel was not built (no C compiler when installed)")
+            raise RuntimeError("the panel kernel was not built (no C compiler at install)")
         self.width, self.inner = weight.shape
         count = -(-self.width // PANEL)
         count += count % 2
