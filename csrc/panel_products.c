@@ -1,6 +1,6 @@
-/* Products of a few rows by a weight matrix copied into panels (panel_products.py): the decoding
- * steps' linear layers and logits. A BLAS's product of 2-30 rows ran at a quarter of the speed of
- * reading the weights on AMD EPYC CPUs; here each panel is read once per MAX_ROWS rows.
+/* Products of a few rows by a weight matrix copied into panels (whisper_mlx/.../panels.py): the decoding
+ * steps' linear layers and logits, which a BLAS computes well below the speed of reading the weights
+ * on some CPUs (docs/performance.md); here each panel is read once per MAX_ROWS rows.
  *
  * Loaded with ctypes (no Python API). x86-64 builds by GCC carry an AVX-512, an AVX2 and a baseline
  * copy of the kernels, chosen at run time by the CPU's features; other builds the baseline copy (the

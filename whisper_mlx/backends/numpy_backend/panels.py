@@ -1,11 +1,11 @@
 """Products of a few rows by a weight matrix copied into panels: the decoding steps' linear layers and
 logits, through the small C kernel in the repository's csrc/panel_products.c.
 
-A BLAS computes x Wᵀ for 2-30 rows far below the speed of reading W: on a 2-core AMD EPYC, MKL's
-products of 6 rows by the decoder's 33 MB of weights ran at a quarter of it (docs/performance.md).
-The kernel reads each panel of 16 weight rows once per block of rows and keeps the block's sums in
-vector registers. Every output is one chain of fused multiply-adds in ascending k, so a row's result
-is the same bits whatever rows share its product and however its columns are split over threads.
+A BLAS computes x Wᵀ for 2-30 rows far below the speed of reading W on some CPUs (its kernels are
+made for larger products; docs/performance.md has the measurements). The kernel reads each panel of
+16 weight rows once per block of rows and keeps the block's sums in vector registers. Every output is
+one chain of fused multiply-adds in ascending k, so a row's result is the same bits whatever rows
+share its product and however its columns are split over threads.
 
 The kernel is an optional part of the package (setuptools builds it where a C compiler is found);
 without it the callers use the BLAS (`available()` is False).
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 PANEL = 16  # weight rows per panel (the kernel's vector width)
-MAX_ROWS = 128  # the BLAS catches up at ~256 rows (a prompt has hundreds: the BLAS computes those)
+MAX_ROWS = 128  # more rows (a prompt's hundreds) go to the BLAS, as fast there (docs/performance.md)
 _library: list = []  # [ctypes library or None], resolved once
 
 
@@ -90,7 +90,7 @@ class PanelWeights:
         self.width, self.inner = weight.shape
         count = -(-self.width // PANEL)
         count += count % 2
-        # filled panel by panel from views of the weights: no padded copy of them (80 MB for tiny.en's embedding)
+        # filled panel by panel from views of the weights: a padded copy would double the peak memory
         self.panels = np.zeros((count, self.inner, PANEL), np.float32)
         full = self.width // PANEL
         weight = np.asarray(weight, np.float32)
