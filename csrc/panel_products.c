@@ -11,7 +11,14 @@ typedef float vf __attribute__((vector_size(PANEL * sizeof(float))));
 #define LOAD(p) ({ vf v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
 #define STORE(p, v) do { vf v_ = (v); __builtin_memcpy((p), &v_, sizeof v_); } while (0)
 
+/* GCC on x86-64 compiles a copy of the kernels per instruction set (its target pragmas) */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define COPIES_PER_INSTRUCTION_SET 1
+#else
+#define COPIES_PER_INSTRUCTION_SET 0
+#endif
+
+#if COPIES_PER_INSTRUCTION_SET
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 #define NAME(x) x##_avx512
@@ -47,7 +54,7 @@ enum { BASELINE, AVX2, AVX512 };
 static int level = -1; /* the instruction set in use; -1 until chosen */
 
 static int best_level(void) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if COPIES_PER_INSTRUCTION_SET
     if (__builtin_cpu_supports("avx512f")) return AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
 #endif
@@ -77,7 +84,7 @@ int panels_per_block(void) { return current_level() == AVX512 ? 2 : 1; }
 void panel_product(const float *x, long rows, long k_len, long ldx, const float *panels, long width, long first,
                    long last, const float *bias, float *out, long ldo) {
     switch (current_level()) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if COPIES_PER_INSTRUCTION_SET
     case AVX512: panel_product_avx512(x, rows, k_len, ldx, panels, width, first, last, bias, out, ldo); return;
     case AVX2: panel_product_avx2(x, rows, k_len, ldx, panels, width, first, last, bias, out, ldo); return;
 #endif

@@ -137,4 +137,5 @@ def test_a_steps_linear_layers_and_logits_use_the_kernel(tiny_en):
     logits = host.logits(hidden)
     np.testing.assert_allclose(logits, hidden.astype(np.float64) @ host.token_embedding.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(host.logits(hidden[3:5]), logits[3:5])
-    assert len(host.embedding_panels.split(schedule.worker_count())) == schedule.worker_count()
+    assert host.embedding_parts == host.embedding_panels.split(schedule.worker_count())
+    assert len(host.embedding_parts) == schedule.worker_count()

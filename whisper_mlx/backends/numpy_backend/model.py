@@ -335,9 +335,7 @@ class HostDecoder:
         embedding = self.embedding_panels if PACKED_MIN_ROWS <= rows <= panels.MAX_ROWS else None
         if embedding is not None:
             out = np.empty((rows, embedding.width), np.float32)
-            run_blocks(
-                [partial(embedding.matmul, hidden, out=out, part=part) for part in embedding.split(worker_count())]
-            )
+            run_blocks([partial(embedding.matmul, hidden, out=out, part=part) for part in self.embedding_parts])
             return out
         plain = rows >= OPENBLAS_LOGITS_MIN_ROWS
         if not plain and (rows < PACKED_MIN_ROWS or not blas.PackedOperand.available()):
@@ -354,6 +352,11 @@ class HostDecoder:
     def embedding_panels(self) -> panels.PanelWeights | None:
         """The token embedding in panels, made on first use (None without the kernel)."""
         return panels.PanelWeights(self.token_embedding) if panels.available() else None
+
+    @cached_property
+    def embedding_parts(self) -> list[slice]:
+        """The embedding's panels in one range per worker thread (with embedding_panels)."""
+        return cast(panels.PanelWeights, self.embedding_panels).split(worker_count())
 
     @cached_property
     def column_blocks(self) -> list[slice]:
