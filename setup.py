@@ -9,7 +9,7 @@ setup(
         Extension(
             "whisper_mlx.backends.numpy_backend._panel_products",
             sources=["csrc/panel_products.c"],
-            depends=["csrc/panel_body.h"],
+            depends=["csrc/panel_body.h", "csrc/attention_body.h"],
             extra_compile_args=["-O3"],
             optional=True,
         )

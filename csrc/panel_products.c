@@ -1,15 +1,38 @@
 /* Products of a few rows by a weight matrix copied into panels (whisper_mlx/.../panels.py): the decoding
  * steps' linear layers and logits, which a BLAS computes well below the speed of reading the weights
- * on some CPUs (docs/performance.md); here each panel is read once per MAX_ROWS rows.
+ * on some CPUs (docs/performance.md); here each panel is read once per MAX_ROWS rows. And the decoding
+ * steps' attention (a few queries per window and head), one pass over the keys and one over the values,
+ * where numpy's and the BLAS's calls per step cost more than reading the cache.
  *
  * Loaded with ctypes (no Python API). x86-64 builds by GCC carry an AVX-512, an AVX2 and a baseline
  * copy of the kernels, chosen at run time by the CPU's features; other builds the baseline copy (the
  * compiler's vectors for its default target, NEON on arm64). */
 
+#include <stdlib.h>
+
 #define PANEL 16 /* floats of one weight panel: its 16 output columns side by side */
 typedef float vf __attribute__((vector_size(PANEL * sizeof(float))));
 #define LOAD(p) ({ vf v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
 #define STORE(p, v) do { vf v_ = (v); __builtin_memcpy((p), &v_, sizeof v_); } while (0)
+typedef int vi __attribute__((vector_size(PANEL * sizeof(int))));
+
+#define MAX_HEAD_DIM 128 /* Whisper's heads have 64 dimensions */
+
+/* softmax(q kᵀ + mask) v for items (a window's head) of n_queries queries each, as kernels.attend lays
+ * them out: q and out (items, n_queries, dim); keys transposed (item, d, t) at
+ * keys[item * key_item_stride + d * key_ld + t], or as rows (item, t, d) at [... + t * key_ld + d];
+ * values (item, t, d) at values[item * value_item_stride + t * dim + d]; mask, additive, (length) per
+ * window (item / n_head) mask_row_stride apart, or null. */
+struct attention {
+    const float *q;
+    const float *keys;
+    const float *values;
+    const float *mask;
+    float *out;
+    long n_head, n_queries, dim, length;
+    long key_item_stride, key_ld, value_item_stride, mask_row_stride;
+    long transposed;
+};
 
 /* GCC on x86-64 compiles a copy of the kernels per instruction set (its target pragmas) */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -25,6 +48,7 @@ typedef float vf __attribute__((vector_size(PANEL * sizeof(float))));
 #define PANELS_PER_BLOCK 2
 #define MAX_ROWS 12
 #include "panel_body.h"
+#include "attention_body.h"
 #undef NAME
 #undef PANELS_PER_BLOCK
 #undef MAX_ROWS
@@ -36,6 +60,7 @@ typedef float vf __attribute__((vector_size(PANEL * sizeof(float))));
 #define PANELS_PER_BLOCK 1
 #define MAX_ROWS 6
 #include "panel_body.h"
+#include "attention_body.h"
 #undef NAME
 #undef PANELS_PER_BLOCK
 #undef MAX_ROWS
@@ -46,6 +71,7 @@ typedef float vf __attribute__((vector_size(PANEL * sizeof(float))));
 #define PANELS_PER_BLOCK 1
 #define MAX_ROWS 6
 #include "panel_body.h"
+#include "attention_body.h"
 #undef NAME
 #undef PANELS_PER_BLOCK
 #undef MAX_ROWS
@@ -90,4 +116,20 @@ void panel_product(const float *x, long rows, long k_len, long ldx, const float 
 #endif
     default: panel_product_base(x, rows, k_len, ldx, panels, width, first, last, bias, out, ldo);
     }
+}
+
+/* The attention of items [first, last) (see struct attention); dim must be a multiple of 16 up to
+ * MAX_HEAD_DIM. Returns 0, or -1 when out of memory (nothing written). */
+int attend_step(const struct attention *a, long first, long last) {
+    float *s = malloc(sizeof(float) * (size_t)((a->length + PANEL - 1) / PANEL * PANEL));
+    if (!s) return -1;
+    switch (current_level()) {
+#if COPIES_PER_INSTRUCTION_SET
+    case AVX512: attend_avx512(a, first, last, s); break;
+    case AVX2: attend_avx2(a, first, last, s); break;
+#endif
+    default: attend_base(a, first, last, s);
+    }
+    free(s);
+    return 0;
 }

@@ -13,7 +13,7 @@ import pytest
 from whisper_mlx import whisper
 from whisper_mlx.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from whisper_mlx.backends.mlx_backend import MLXBackend
-from whisper_mlx.backends.numpy_backend import NumpyBackend, schedule
+from whisper_mlx.backends.numpy_backend import NumpyBackend, panels, schedule
 from whisper_mlx.backends.numpy_backend import blas as host_blas
 from whisper_mlx.backends.numpy_backend import kernels as cpu_kernels
 from whisper_mlx.backends.numpy_backend.buffers import BufferPool
@@ -35,6 +35,16 @@ def reference_attention(q, k, v, n_head):
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     return (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)
+
+
+@pytest.fixture(params=["kernel", "numpy"])
+def step_attention(request, monkeypatch):
+    """A decoding step's attention through the C kernel (where it was built) and through numpy's calls."""
+    if request.param == "numpy":
+        monkeypatch.setattr(panels.StepAttention, "of", classmethod(lambda cls, *arrays: None))
+    elif not panels.available():
+        pytest.skip("the panel kernel was not built (no C compiler at install)")
+    return request.param
 
 
 @pytest.fixture(params=[True, False], ids=["threads", "serial"])
@@ -165,7 +175,7 @@ def test_numpy_logits_equal_embedding_and_follow_new_weights(tiny_en):
 
 @needs_cpu
 @pytest.mark.parametrize("batch, length", [(3, 1), (4, 7)])  # greedy steps, and a prompt's first step
-def test_numpy_cross_attention_equals_mlx_sdpa(tiny_en, batch, length):
+def test_numpy_cross_attention_equals_mlx_sdpa(tiny_en, batch, length, step_attention):
     attention = tiny_en.decoder.blocks[0].cross_attn
     layer = NumpyBackend(tiny_en).decoder.layers[0]
     rng = np.random.default_rng(batch)
@@ -186,7 +196,7 @@ def test_numpy_cross_attention_equals_mlx_sdpa(tiny_en, batch, length):
 
 @pytest.mark.parametrize("mask_rows", [0, 1, "all"])  # no mask, one for all rows, one per row
 @pytest.mark.parametrize("batch", [1, 2, 3, 6])
-def test_step_attention_splits_rows_over_a_worker_exactly(batch, mask_rows, monkeypatch):
+def test_step_attention_splits_rows_over_a_worker_exactly(batch, mask_rows, monkeypatch, step_attention):
     rng = np.random.default_rng(batch)
     q = rng.normal(size=(batch, 6, 1, 64)).astype(np.float32)
     q[0] *= 40  # row 0's scores leave the unshifted softmax's range, the others' do not

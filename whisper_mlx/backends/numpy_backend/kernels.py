@@ -14,7 +14,7 @@ from functools import partial
 
 import numpy as np
 
-from . import blas
+from . import blas, panels
 from .schedule import run_blocks, worker_count, workers
 
 ATTENTION_BLOCK_ROWS = 256  # query rows per block: 256 x 1500 float32 scores = 1.5 MB
@@ -173,9 +173,13 @@ STEP_SPLIT_MIN_ROWS = 3
 
 def attend(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """softmax(q keys_t + mask) values over stacks (B, H, L, D), (B, H, D, S), (B, H, S, D) and a
-    (1 or B, 1, L, S) mask: a decoding step's attention, memory-bound. From STEP_SPLIT_MIN_ROWS rows,
-    half of the rows go to a worker (each row's result is the same either way; the BLAS calls, 1 x 64 x
-    1500, stay below OpenBLAS's threading threshold)."""
+    (1 or B, 1, L, S) mask: a decoding step's attention, memory-bound. Through the C kernel where it can
+    read the arrays in place (panels.StepAttention), else numpy's and the BLAS's calls. From
+    STEP_SPLIT_MIN_ROWS rows, half of the rows go to a worker (each row's result is the same either way;
+    the BLAS calls, 1 x 64 x 1500, stay below OpenBLAS's threading threshold)."""
+    kernel = panels.StepAttention.of(q, keys_t, values, mask)
+    if kernel is not None:
+        return _split_items(kernel, q.shape[0], q.shape[1])
     out = np.empty(q.shape, np.float32)
 
     def rows(part: slice) -> None:
@@ -191,6 +195,17 @@ def attend(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarr
     rows(slice(0, half))
     other.result()
     return out
+
+
+def _split_items(kernel: panels.StepAttention, rows: int, n_head: int) -> np.ndarray:
+    """The kernel's items (rows · heads), from STEP_SPLIT_MIN_ROWS rows half of the rows on a worker."""
+    if rows < STEP_SPLIT_MIN_ROWS or worker_count() < 2:
+        return kernel()
+    half = rows // 2 * n_head
+    other = workers().submit(kernel, half, kernel.items)
+    kernel(0, half)
+    other.result()
+    return kernel.out
 
 
 def _values_by_head(audio: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:

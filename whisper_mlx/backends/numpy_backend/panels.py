@@ -1,5 +1,6 @@
 """Products of a few rows by a weight matrix copied into panels: the decoding steps' linear layers and
-logits, through the small C kernel in the repository's csrc/panel_products.c.
+logits, through the small C kernel in the repository's csrc/panel_products.c; and the decoding steps'
+attention through the same library (StepAttention).
 
 A BLAS computes x Wᵀ for 2-30 rows far below the speed of reading W on some CPUs (its kernels are
 made for larger products; docs/performance.md has the measurements). The kernel reads each panel of
@@ -42,6 +43,8 @@ def _load():
             lib.use_instruction_set.argtypes = [ctypes.c_int]
             lib.use_instruction_set.restype = ctypes.c_int
             lib.instruction_set.restype = ctypes.c_int
+            lib.attend_step.argtypes = [ctypes.POINTER(_Attention), n, n]
+            lib.attend_step.restype = ctypes.c_int
             return lib
     return None
 
@@ -135,3 +138,96 @@ class PanelWeights:
         blocks = len(self.panels) // self.step
         bounds = [round(blocks * i / parts) * self.step for i in range(parts + 1)]
         return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+
+
+class _Attention(ctypes.Structure):
+    """csrc/panel_products.c's struct attention."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("q", "keys", "values", "mask", "out")),
+        *(
+            (name, ctypes.c_long)
+            for name in (
+                "n_head",
+                "n_queries",
+                "dim",
+                "length",
+                "key_item_stride",
+                "key_ld",
+                "value_item_stride",
+                "mask_row_stride",
+                "transposed",
+            )
+        ),
+    ]
+
+
+MAX_HEAD_DIM = 128  # the kernel's (Whisper's heads have 64 dimensions)
+
+
+def _item_stride(a: np.ndarray) -> int | None:
+    """The float stride between a (B, H, ...) array's heads when its windows are as far apart as H heads."""
+    if a.dtype != np.float32 or (a.shape[0] > 1 and a.strides[0] != a.shape[1] * a.strides[1]):
+        return None
+    return a.strides[1] // 4
+
+
+class StepAttention:
+    """softmax(q keys_t + mask) values of a decoding step (a few queries per window and head) through
+    the C kernel, one call per range of items (a window's head), each item's result the same bits
+    however the items are split. Arrays as kernels.attend takes them: q (B, H, L, D), keys_t (B, H, D,
+    S) read in place whether its rows or its columns are contiguous, values (B, H, S, D) with contiguous
+    rows, mask (1 or B, 1, 1, S) or None."""
+
+    def __init__(self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarray | None, lib):
+        batch, n_head, n_queries, dim = q.shape
+        self.q = np.ascontiguousarray(q, dtype=np.float32)
+        self.out = np.empty(q.shape, np.float32)
+        self.arrays = (keys_t, values, mask)  # the struct points into them
+        transposed = keys_t.strides[-1] == 4
+        mask_stride = 0 if mask is None or mask.shape[0] == 1 else mask.strides[0] // 4
+        self.struct = _Attention(
+            self.q.ctypes.data,
+            keys_t.ctypes.data,
+            values.ctypes.data,
+            None if mask is None else mask.ctypes.data,
+            self.out.ctypes.data,
+            n_head,
+            n_queries,
+            dim,
+            keys_t.shape[-1],
+            _item_stride(keys_t),
+            (keys_t.strides[-2] if transposed else keys_t.strides[-1]) // 4,
+            _item_stride(values),
+            mask_stride,
+            int(transposed),
+        )
+        self.items = batch * n_head
+        self.lib = lib
+
+    @classmethod
+    def of(cls, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarray | None):
+        """The kernel's job for these arrays, or None where it cannot read them in place (or was not built)."""
+        lib = _kernel()
+        dim = q.shape[-1]
+        if lib is None or dim % PANEL or dim > MAX_HEAD_DIM or keys_t.shape[-2] != dim or q.dtype != np.float32:
+            return None
+        if keys_t.shape[-1] == 0:
+            return None
+        rows_or_columns = keys_t.strides[-1] == 4 or keys_t.strides[-2] == 4
+        if not rows_or_columns or _item_stride(keys_t) is None or _item_stride(values) is None:
+            return None
+        if values.strides[-1] != 4 or values.strides[-2] != 4 * dim or values.shape[-2] != keys_t.shape[-1]:
+            return None
+        if mask is not None and (
+            mask.dtype != np.float32 or q.shape[2] != 1 or mask.shape[1:3] != (1, 1) or mask.strides[-1] != 4
+        ):
+            return None
+        return cls(q, keys_t, values, mask, lib)
+
+    def __call__(self, first: int = 0, last: int | None = None) -> np.ndarray:
+        """Compute items [first, last) (windows · heads) into self.out; returns it."""
+        last = self.items if last is None else last
+        if self.lib.attend_step(ctypes.byref(self.struct), first, last) != 0:
+            raise MemoryError("the attention kernel could not allocate its scores")
+        return self.out
