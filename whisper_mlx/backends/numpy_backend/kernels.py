@@ -179,33 +179,30 @@ def attend(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarr
     the BLAS calls, 1 x 64 x 1500, stay below OpenBLAS's threading threshold)."""
     kernel = panels.StepAttention.of(q, keys_t, values, mask)
     if kernel is not None:
-        return _split_items(kernel, q.shape[0], q.shape[1])
+        n_head = q.shape[1]
+        _over_row_halves(lambda first, last: kernel(first * n_head, last * n_head), q.shape[0])
+        return kernel.out
     out = np.empty(q.shape, np.float32)
 
-    def rows(part: slice) -> None:
+    def rows(first: int, last: int) -> None:
+        part = slice(first, last)
         _attend_block(
             q[part], keys_t[part], values[part], out[part], mask if mask is None or mask.shape[0] == 1 else mask[part]
         )
 
-    if q.shape[0] < STEP_SPLIT_MIN_ROWS or worker_count() < 2:
-        _attend_block(q, keys_t, values, out, mask)
-        return out
-    half = q.shape[0] // 2
-    other = workers().submit(rows, slice(half, None))
-    rows(slice(0, half))
-    other.result()
+    _over_row_halves(rows, q.shape[0])
     return out
 
 
-def _split_items(kernel: panels.StepAttention, rows: int, n_head: int) -> np.ndarray:
-    """The kernel's items (rows · heads), from STEP_SPLIT_MIN_ROWS rows half of the rows on a worker."""
+def _over_row_halves(run: Callable[[int, int], object], rows: int) -> None:
+    """run(first, last) over rows [0, rows): from STEP_SPLIT_MIN_ROWS rows, the second half on a worker."""
     if rows < STEP_SPLIT_MIN_ROWS or worker_count() < 2:
-        return kernel()
-    half = rows // 2 * n_head
-    other = workers().submit(kernel, half, kernel.items)
-    kernel(0, half)
+        run(0, rows)
+        return
+    half = rows // 2
+    other = workers().submit(run, half, rows)
+    run(0, half)
     other.result()
-    return kernel.out
 
 
 def _values_by_head(audio: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
