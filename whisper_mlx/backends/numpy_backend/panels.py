@@ -179,7 +179,10 @@ class StepAttention:
     S) read in place whether its rows or its columns are contiguous, values (B, H, S, D) with contiguous
     rows, mask (1 or B, 1, 1, S) or None."""
 
-    def __init__(self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarray | None, lib):
+    def __init__(
+        self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, mask: np.ndarray | None, item_strides, lib
+    ):
+        """item_strides: (keys', values') float strides between heads, as of() found them."""
         batch, n_head, n_queries, dim = q.shape
         self.q = np.ascontiguousarray(q, dtype=np.float32)
         self.out = np.empty(q.shape, np.float32)
@@ -196,9 +199,9 @@ class StepAttention:
             n_queries,
             dim,
             keys_t.shape[-1],
-            _item_stride(keys_t),
+            item_strides[0],
             (keys_t.strides[-2] if transposed else keys_t.strides[-1]) // 4,
-            _item_stride(values),
+            item_strides[1],
             mask_stride,
             int(transposed),
         )
@@ -214,8 +217,9 @@ class StepAttention:
             return None
         if keys_t.shape[-1] == 0:
             return None
+        item_strides = (_item_stride(keys_t), _item_stride(values))
         rows_or_columns = keys_t.strides[-1] == 4 or keys_t.strides[-2] == 4
-        if not rows_or_columns or _item_stride(keys_t) is None or _item_stride(values) is None:
+        if not rows_or_columns or None in item_strides:
             return None
         if values.strides[-1] != 4 or values.strides[-2] != 4 * dim or values.shape[-2] != keys_t.shape[-1]:
             return None
@@ -223,7 +227,7 @@ class StepAttention:
             mask.dtype != np.float32 or q.shape[2] != 1 or mask.shape[1:3] != (1, 1) or mask.strides[-1] != 4
         ):
             return None
-        return cls(q, keys_t, values, mask, lib)
+        return cls(q, keys_t, values, mask, item_strides, lib)
 
     def __call__(self, first: int = 0, last: int | None = None) -> np.ndarray:
         """Compute items [first, last) (windows · heads) into self.out; returns it."""
