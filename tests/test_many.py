@@ -14,7 +14,7 @@ from whisper_mlx.errors import AudioError, DecodingError
 
 BATCH = 12
 # floats a row's BLAS sums give in a slightly different order when the batch has other rows
-APPROX_FIELDS = ("avg_logprob", "no_speech_prob")
+APPROX_FIELDS = ("avg_logprob", "no_speech_prob", "words")  # words: their probabilities
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,20 @@ def assert_same_result(got: dict, want: dict) -> None:
         assert {k: v for k, v in g.items() if k not in APPROX_FIELDS} == {
             k: v for k, v in w.items() if k not in APPROX_FIELDS
         }
-        for key in APPROX_FIELDS:
+        for key in ("avg_logprob", "no_speech_prob"):
             assert g[key] == pytest.approx(w[key], abs=1e-5)
+        assert_same_words(g.get("words"), w.get("words"))
+
+
+def assert_same_words(got: list[dict] | None, want: list[dict] | None) -> None:
+    """The same words and times; their probabilities up to the BLAS's order of summation."""
+    if got is None or want is None:
+        assert got == want
+        return
+    assert [{k: v for k, v in g.items() if k != "probability"} for g in got] == [
+        {k: v for k, v in w.items() if k != "probability"} for w in want
+    ]
+    assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in want], abs=1e-5)
 
 
 def test_each_input_as_transcribed_alone(tiny_en, inputs, alone):

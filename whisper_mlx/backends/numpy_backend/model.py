@@ -328,8 +328,8 @@ class HostDecoder:
         over the embedding's panels, one range per worker (panels.py); without it, or above,
         one block of vocabulary columns per worker (a single BLAS call computes such a skinny product
         on one thread): MKL's packed copy of the block, made on first use, or from
-        OPENBLAS_LOGITS_MIN_ROWS rows numpy's product of the plain block. A column is the same bits as
-        in the one product of all columns by the same kernel or library (test)."""
+        OPENBLAS_LOGITS_MIN_ROWS rows numpy's product of the plain block (tests: MKL's blocks are the
+        bits of its one product of all columns; numpy's, of its product of the block on one thread)."""
         hidden = np.ascontiguousarray(hidden)
         rows = hidden.shape[0]
         embedding = self.embedding_panels if PACKED_MIN_ROWS <= rows <= panels.MAX_ROWS else None
