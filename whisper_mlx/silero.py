@@ -110,10 +110,12 @@ class SileroStream:
         samples = np.asarray(samples, np.float32).reshape(-1)
         self.n_samples += samples.size
         pending = np.concatenate([self.pending, samples])
-        groups = pending.size // (GROUP * CHUNK)
-        with one_blas_thread():
-            self.parts += [self.score(pending[i * GROUP * CHUNK : (i + 1) * GROUP * CHUNK]) for i in range(groups)]
-        self.pending = pending[groups * GROUP * CHUNK :]
+        size = GROUP * CHUNK
+        whole = pending.size // size * size
+        if whole:
+            with one_blas_thread():
+                self.parts += [self.score(pending[start : start + size]) for start in range(0, whole, size)]
+        self.pending = pending[whole:]
 
     def finish(self) -> np.ndarray:
         """The probabilities of every chunk fed (the last one padded with zeros)."""
